@@ -1,0 +1,91 @@
+# Every target that runs Python creates the venv first if needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= data
+MNIST_FILES ?= ../shared/datasets/mnist
+MODELS_DIR ?= models
+PRESET ?= best
+PORT ?= 8000
+# Extra trainer flags, e.g. make train PRESET=seed EPOCHS=5 TRAIN_ARGS="--lr 1.0"
+TRAIN_ARGS ?=
+PYTEST_ARGS ?=
+
+TRAIN_FLAGS := --preset $(PRESET) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) \
+	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
+	$(if $(LR),--lr $(LR)) $(if $(SEED),--seed $(SEED)) $(if $(SIZES),--sizes $(SIZES)) \
+	$(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) $(TRAIN_ARGS)
+
+.PHONY: help venv data train evaluate serve test e2e browser check lint format bench \
+	bench-train bench-serve up down logs train-docker clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements/service.txt requirements/trainer.txt requirements/dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/dev.txt
+	touch $@
+
+venv: $(VENV)/.installed ## create the virtualenv with every pinned dependency
+
+$(DATA_DIR)/MNIST/raw/t10k-labels-idx1-ubyte:
+	@test -d "$(MNIST_FILES)" || { echo "no MNIST files in $(MNIST_FILES): set MNIST_FILES=dir, or let torchvision download them (make train)"; exit 1; }
+	mkdir -p $(DATA_DIR)/MNIST/raw
+	for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do \
+		gunzip -c "$(MNIST_FILES)/$$f.gz" > "$(DATA_DIR)/MNIST/raw/$$f.part" && mv "$(DATA_DIR)/MNIST/raw/$$f.part" "$(DATA_DIR)/MNIST/raw/$$f" || exit 1; \
+	done
+
+data: $(DATA_DIR)/MNIST/raw/t10k-labels-idx1-ubyte ## unpack MNIST from MNIST_FILES into DATA_DIR/MNIST/raw
+
+train: venv ## train and publish a new version (PRESET=best|seed, EPOCHS=, LR=, SEED=, TRAIN_ARGS=)
+	@if [ -d "$(MNIST_FILES)" ]; then $(MAKE) --no-print-directory data; fi
+	$(PY) -m trainer train $(TRAIN_FLAGS)
+
+evaluate: venv ## re-score a published model on the test set (VERSION=N, default newest)
+	$(PY) -m trainer evaluate --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(VERSION),--version $(VERSION))
+
+serve: venv ## run the service locally under gunicorn on PORT
+	PORT=$(PORT) MODELS_DIR=$(MODELS_DIR) $(VENV)/bin/gunicorn -c gunicorn.conf.py service.wsgi:app
+
+test: venv data ## unit, integration (real gunicorn) and fuzz tests
+	$(PY) -m pytest tests/core tests/trainer tests/service $(PYTEST_ARGS)
+
+e2e: venv data ## end-to-end tests against a real Docker engine (docker compose)
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+browser: venv ## the draw-a-digit page in headless Chromium
+	$(PY) -m pytest tests/browser $(PYTEST_ARGS)
+
+lint: venv ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench-train: venv data ## training speed: this trainer vs the per-example loop vs PyTorch
+	$(PY) bench/train_speed.py
+
+bench-serve: venv ## serving throughput: /predict vs /healthz on one gunicorn
+	$(PY) bench/serve_load.py
+
+bench: bench-train bench-serve ## all benchmarks
+
+up: ## docker compose up (builds the api image)
+	docker compose up -d --build --wait
+
+down: ## stop and remove the containers
+	docker compose down -v
+
+logs: ## follow the api's logs
+	docker compose logs -f api
+
+train-docker: ## run the trainer container (PRESET=, EPOCHS= as for make train)
+	docker compose --profile train run --rm trainer train --preset $(PRESET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
+
+clean: ## remove caches (keeps the venv, data and models)
+	rm -rf .pytest_cache .ruff_cache .hypothesis artifacts

@@ -1,0 +1,1 @@
+"""The part the trainer and the service share: network maths, preprocessing, model format."""

@@ -1,0 +1,265 @@
+"""A fully connected network, with backpropagation written out by hand.
+
+The notation is Nielsen's. Layer l computes
+
+    z^l = W^l a^{l-1} + b^l,        a^l = σ(z^l),
+
+with W^l of shape (n_l, n_{l-1}) and b^l of shape (n_l, 1). A minibatch of m
+examples is the matrix whose m *columns* are the examples, so each layer is
+one matrix product for the whole batch and the formulas keep their textbook
+shape. Backpropagation is the four equations:
+
+    δ^L = ∇_a C ⊙ σ'(z^L)
+    δ^l = ((W^{l+1})ᵀ δ^{l+1}) ⊙ σ'(z^l)
+    ∂C/∂b^l = δ^l
+    ∂C/∂W^l = δ^l (a^{l-1})ᵀ
+
+Summed over the columns of a batch, the last two become row sums and a single
+matrix product. Everything here is a pure function of its arguments; the
+trainer and the service share `feedforward`, so what is served is exactly
+what was evaluated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Array = np.ndarray
+
+
+# --- activations -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Activation:
+    """σ and its derivative.
+
+    `prime` receives both z and a = σ(z) because the cheap form of most
+    derivatives is written in terms of a (σ' = a(1 - a), tanh' = 1 - a²).
+    `elementwise` is False only for softmax, whose Jacobian is not diagonal,
+    so ∇_a C ⊙ σ'(z) does not apply and `vjp` is used instead.
+    """
+
+    name: str
+    fn: Callable[[Array], Array]
+    prime: Callable[[Array, Array], Array]
+    elementwise: bool = True
+
+    def vjp(self, z: Array, a: Array, grad_a: Array) -> Array:
+        """∂C/∂z given ∂C/∂a: the Jacobian of σ, transposed, times grad_a."""
+        if self.elementwise:
+            return grad_a * self.prime(z, a)
+        # softmax: J = diag(a) - a aᵀ per column, so Jᵀg = a ⊙ (g - aᵀg).
+        return a * (grad_a - np.sum(a * grad_a, axis=0, keepdims=True))
+
+
+def _sigmoid(z: Array) -> Array:
+    # 1/(1+e^{-z}) overflows for z << 0; the tanh form is exact and stable.
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def _softmax(z: Array) -> Array:
+    e = np.exp(z - z.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "sigmoid": Activation("sigmoid", _sigmoid, lambda z, a: a * (1.0 - a)),
+    "tanh": Activation("tanh", np.tanh, lambda z, a: 1.0 - a * a),
+    "relu": Activation("relu", lambda z: np.maximum(z, 0.0), lambda z, a: (z > 0).astype(z.dtype)),
+    "softmax": Activation("softmax", _softmax, lambda z, a: a * (1.0 - a), elementwise=False),
+}
+HIDDEN_ACTIVATIONS = ("sigmoid", "tanh", "relu")
+OUTPUT_ACTIVATIONS = ("sigmoid", "tanh", "relu", "softmax")
+
+
+# --- costs -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cost:
+    """C(a, y) summed over the columns of a batch, and ∇_a C per column."""
+
+    name: str
+    fn: Callable[[Array, Array, str], float]
+    grad_a: Callable[[Array, Array], Array]
+
+
+def _quadratic(a: Array, y: Array, output: str) -> float:
+    return 0.5 * float(np.sum((a - y) ** 2))
+
+
+def _cross_entropy(a: Array, y: Array, output: str) -> float:
+    # Categorical (log-likelihood) for softmax, Bernoulli per unit for sigmoid:
+    # for both, ∂C/∂z^L works out to a - y, which is why they are paired.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if output == "softmax":
+            return float(-np.sum(np.nan_to_num(y * np.log(a))))
+        return float(-np.sum(np.nan_to_num(y * np.log(a) + (1 - y) * np.log(1 - a))))
+
+
+def _cross_entropy_grad(a: Array, y: Array) -> Array:
+    # Only used for the Bernoulli form; the softmax pairing never gets here.
+    return (a - y) / (a * (1.0 - a))
+
+
+COSTS: dict[str, Cost] = {
+    "quadratic": Cost("quadratic", _quadratic, lambda a, y: a - y),
+    "cross_entropy": Cost("cross_entropy", _cross_entropy, _cross_entropy_grad),
+}
+
+
+def check_architecture(sizes: Sequence[int], activations: Sequence[str], cost: str) -> None:
+    """Reject architectures whose maths is undefined, with a reason a user can act on."""
+    if len(sizes) < 2 or any(int(n) < 1 for n in sizes):
+        raise ValueError(f"layer sizes must be at least two positive integers, got {list(sizes)}")
+    if len(activations) != len(sizes) - 1:
+        raise ValueError(
+            f"need one activation per non-input layer ({len(sizes) - 1}), got {len(activations)}"
+        )
+    for i, name in enumerate(activations):
+        allowed = OUTPUT_ACTIVATIONS if i == len(activations) - 1 else HIDDEN_ACTIVATIONS
+        if name not in allowed:
+            raise ValueError(f"activation {name!r} not allowed in layer {i + 1}; choose from {allowed}")
+    if cost not in COSTS:
+        raise ValueError(f"unknown cost {cost!r}; choose from {tuple(COSTS)}")
+    if cost == "cross_entropy" and activations[-1] not in ("sigmoid", "softmax"):
+        raise ValueError("cross_entropy needs a sigmoid or softmax output layer (it takes log a)")
+
+
+# --- the network -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Network:
+    """Architecture plus parameters; immutable so a served model cannot drift."""
+
+    sizes: tuple[int, ...]
+    activations: tuple[str, ...]
+    cost: str
+    weights: tuple[Array, ...]
+    biases: tuple[Array, ...]
+
+    def __post_init__(self) -> None:
+        check_architecture(self.sizes, self.activations, self.cost)
+
+    def with_params(self, weights: Sequence[Array], biases: Sequence[Array]) -> Network:
+        return Network(self.sizes, self.activations, self.cost, tuple(weights), tuple(biases))
+
+
+def init_params(
+    sizes: Sequence[int],
+    rng: np.random.Generator,
+    scheme: str = "standard_normal",
+    dtype: type = np.float32,
+) -> tuple[list[Array], list[Array]]:
+    """Initial W^l and b^l.
+
+    `standard_normal` is the reference run's N(0, 1) for every weight and
+    bias. `scaled` divides weights by sqrt(n_{l-1}) (Nielsen ch. 3), `he`
+    by sqrt(n_{l-1}/2) for ReLU; both start biases at zero.
+    """
+    weights, biases = [], []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+        w = rng.standard_normal((n_out, n_in))
+        if scheme == "standard_normal":
+            b = rng.standard_normal((n_out, 1))
+        elif scheme in ("scaled", "he"):
+            w = w * np.sqrt((2.0 if scheme == "he" else 1.0) / n_in)
+            b = np.zeros((n_out, 1))
+        else:
+            raise ValueError(f"unknown init scheme {scheme!r}")
+        weights.append(w.astype(dtype))
+        biases.append(b.astype(dtype))
+    return weights, biases
+
+
+def new_network(
+    sizes: Sequence[int],
+    activations: Sequence[str],
+    cost: str,
+    rng: np.random.Generator,
+    init: str = "standard_normal",
+    dtype: type = np.float32,
+) -> Network:
+    check_architecture(sizes, activations, cost)
+    weights, biases = init_params(sizes, rng, init, dtype)
+    return Network(tuple(int(n) for n in sizes), tuple(activations), cost, tuple(weights), tuple(biases))
+
+
+def feedforward(net: Network, a: Array) -> Array:
+    """a^L for input columns `a` of shape (n_0, m): the one forward pass."""
+    for w, b, name in zip(net.weights, net.biases, net.activations, strict=True):
+        a = ACTIVATIONS[name].fn(w @ a + b)
+    return a
+
+
+def probabilities(net: Network, x: Array) -> Array:
+    """Class probabilities, one *row* per example, for inputs x of shape (m, n_0).
+
+    Softmax outputs already sum to 1; other outputs are scaled to sum to 1,
+    which keeps the argmax and gives a sigmoid model comparable numbers.
+    """
+    a = feedforward(net, x.T).T
+    if net.activations[-1] == "softmax":
+        return a
+    a = np.clip(a, 0.0, None)
+    total = a.sum(axis=1, keepdims=True)
+    uniform = np.full_like(a, 1.0 / a.shape[1])
+    return np.divide(a, total, out=uniform, where=total > 0)
+
+
+def predict(net: Network, x: Array) -> Array:
+    """The digit for each row of x."""
+    return np.argmax(feedforward(net, x.T), axis=0)
+
+
+def output_delta(net: Network, z: Array, a: Array, y: Array) -> Array:
+    """δ^L = ∇_a C ⊙ σ'(z^L), or a - y where the cross-entropy cancels σ'."""
+    if net.cost == "cross_entropy":
+        return a - y
+    act = ACTIVATIONS[net.activations[-1]]
+    return act.vjp(z, a, COSTS[net.cost].grad_a(a, y))
+
+
+def backprop(net: Network, x: Array, y: Array) -> tuple[list[Array], list[Array]]:
+    """∂C/∂W^l and ∂C/∂b^l, summed over the columns of x (n_0, m) and y (n_L, m).
+
+    Summing (not averaging) keeps the update rule the reference one:
+    W -> W - (η/m) Σ_x ∂C_x/∂W.
+    """
+    activations = [x]
+    zs = []
+    a = x
+    for w, b, name in zip(net.weights, net.biases, net.activations, strict=True):
+        z = w @ a + b
+        a = ACTIVATIONS[name].fn(z)
+        zs.append(z)
+        activations.append(a)
+
+    n_layers = len(net.weights)
+    grad_w: list[Array] = [np.empty(0)] * n_layers
+    grad_b: list[Array] = [np.empty(0)] * n_layers
+    delta = output_delta(net, zs[-1], activations[-1], y)
+    for l in range(n_layers - 1, -1, -1):  # noqa: E741 - l is the layer index of the derivation
+        grad_b[l] = delta.sum(axis=1, keepdims=True)
+        grad_w[l] = delta @ activations[l].T
+        if l > 0:
+            act = ACTIVATIONS[net.activations[l - 1]]
+            delta = act.vjp(zs[l - 1], activations[l], net.weights[l].T @ delta)
+    return grad_w, grad_b
+
+
+def total_cost(net: Network, x: Array, y: Array) -> float:
+    """C summed over the columns of x; what the gradient check differentiates."""
+    return COSTS[net.cost].fn(feedforward(net, x), y, net.activations[-1])
+
+
+def one_hot(labels: Array, n_classes: int = 10, dtype: type = np.float32) -> Array:
+    """Labels as columns of the identity, shape (n_classes, m)."""
+    y = np.zeros((n_classes, len(labels)), dtype=dtype)
+    y[labels, np.arange(len(labels))] = 1
+    return y
