@@ -14,6 +14,7 @@ import datetime as dt
 import errno
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -205,11 +206,11 @@ def load(models_dir: Path | str, name: str, version: int | str) -> LoadedModel:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
+    except Exception as e:
         raise InvalidModel(f"{WEIGHTS_FILE} is not a valid npz: {e}") from None
 
     weights, biases = [], []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes), start=1):
         for key, shape, out in ((f"W{i}", (n_out, n_in), weights), (f"b{i}", (n_out, 1), biases)):
             arr = arrays.get(key)
             if arr is None:

@@ -22,6 +22,7 @@ what was evaluated.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -163,7 +164,7 @@ def init_params(
     by sqrt(n_{l-1}/2) for ReLU; both start biases at zero.
     """
     weights, biases = [], []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+    for n_in, n_out in itertools.pairwise(sizes):
         w = rng.standard_normal((n_out, n_in))
         if scheme == "standard_normal":
             b = rng.standard_normal((n_out, 1))

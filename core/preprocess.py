@@ -25,9 +25,7 @@ def to_vectors(images: np.ndarray) -> np.ndarray:
     """Images of shape (m, 28, 28), (28, 28), (m, 784) or (784,), values 0..255,
     as float32 rows of 784 values in [0, 1]. Shape (m, 784)."""
     a = np.asarray(images)
-    if a.shape[-2:] == (IMAGE_SIDE, IMAGE_SIDE):
-        a = a.reshape(-1, N_INPUTS)
-    elif a.shape[-1] == N_INPUTS and a.ndim <= 2:
+    if a.shape[-2:] == (IMAGE_SIDE, IMAGE_SIDE) or (a.shape[-1] == N_INPUTS and a.ndim <= 2):
         a = a.reshape(-1, N_INPUTS)
     else:
         raise ValueError(f"expected 28x28 images or 784 values, got shape {a.shape}")
