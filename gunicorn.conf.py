@@ -1,0 +1,87 @@
+"""gunicorn settings for the inference service: `gunicorn -c gunicorn.conf.py service.wsgi:app`.
+
+Environment (default):
+
+    PORT                      8000       bind 0.0.0.0:$PORT
+    WEB_CONCURRENCY           2          worker processes (one per core)
+    GUNICORN_WORKER_CLASS     sync       sync measured fastest here (docs/service.md)
+    GUNICORN_THREADS          1          threads per worker for the gthread class
+    GUNICORN_TIMEOUT          30         seconds before a stuck worker is killed and replaced
+    GUNICORN_GRACEFUL_TIMEOUT 20         seconds in-flight requests get on TERM / HUP
+    GUNICORN_KEEPALIVE        5          seconds an idle keep-alive connection stays open
+    GUNICORN_TMP_DIR          /dev/shm   worker heartbeat files (a tmpfs: the rootfs may be read-only)
+    GUNICORN_CONTROL_SOCKET   (off)      path for gunicornc's control socket
+    GUNICORN_ACCESS_LOG       -          access log target ("-" = stdout, "" = off)
+    LOG_LEVEL                 info
+    PROMETHEUS_MULTIPROC_DIR  (fresh temp dir) where workers share metrics; wiped at start
+
+This module runs in the master before any worker is forked, so the thread
+limits set here reach numpy in every worker: one BLAS thread per worker, since
+the workers themselves already use the cores.
+"""
+
+import os
+import shutil
+import tempfile
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+
+def _tmp_base() -> str | None:
+    if os.environ.get("GUNICORN_TMP_DIR"):
+        return os.environ["GUNICORN_TMP_DIR"]
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+wsgi_app = "service.wsgi:app"
+bind = [f"0.0.0.0:{os.environ.get('PORT', '8000')}"]
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
+threads = int(os.environ.get("GUNICORN_THREADS", "1"))
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "20"))
+keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
+worker_tmp_dir = _tmp_base()
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info")
+capture_output = False
+# gunicorn's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl), which
+# several servers on one machine would fight over and a read-only rootfs cannot hold: off unless asked.
+control_socket_disable = not os.environ.get("GUNICORN_CONTROL_SOCKET")
+if os.environ.get("GUNICORN_CONTROL_SOCKET"):
+    control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
+# Behind a proxy (Docker, k8s) X-Forwarded-* come from it.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+# prometheus_client multiprocess mode needs a directory shared by all workers,
+# set before any worker imports prometheus_client.
+# The marker survives a HUP, which re-reads this file with the variable already set.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-", dir=_tmp_base())
+    os.environ["GUNICORN_OWNS_PROMETHEUS_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def on_starting(server):
+    """Wipe metrics left by a previous run: stale files would be counted again."""
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(path, exist_ok=True)
+    for entry in os.scandir(path):
+        if entry.is_file():
+            os.unlink(entry.path)
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges must not be summed any more."""
+    try:
+        from prometheus_client import multiprocess
+    except ImportError:
+        return
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    owned = os.environ.get("GUNICORN_OWNS_PROMETHEUS_DIR")
+    if owned and owned == os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        shutil.rmtree(owned, ignore_errors=True)

@@ -1,0 +1,173 @@
+"""The HTTP API: POST /predict, GET /healthz, /readyz, /models.
+
+This module only translates HTTP to arrays and back; decoding and
+normalisation live in `service.imaging`, the maths in `service.inference`,
+model choice in `service.models`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from flask import Blueprint, Response, current_app, g, request
+
+from core.modelstore import parse_version
+from core.preprocess import IMAGE_SIDE, N_INPUTS
+from service import imaging
+from service.errors import ApiError
+from service.inference import classify, model_ref, prediction
+from service.models import ModelManager
+
+bp = Blueprint("api", __name__)
+
+IMAGE_TYPES = ("application/octet-stream",)
+JSON_TYPES = ("application/json",)
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    """Compact JSON without Flask's key sorting: cheaper on the hot path."""
+    return Response(json.dumps(obj, separators=(",", ":")), status=status, mimetype="application/json")
+
+
+def _manager() -> ModelManager:
+    return current_app.extensions["models"]
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> Response:
+    manager = _manager()
+    model = manager.current()
+    if model is None:
+        return json_response({"error": {"code": "not_ready", "message": manager.unready_reason()}}, 503)
+    return json_response({"status": "ready", "model": model_ref(model)})
+
+
+@bp.get("/models")
+def models() -> Response:
+    return json_response(_manager().status())
+
+
+@bp.post("/predict")
+def predict() -> Response:
+    version = _version_arg()
+    preprocess = _preprocess_arg()
+    model = _manager().get(version)
+    images, batch = _read_images(preprocess)
+    digits, probs = classify(model, images)
+    chosen = digits.tolist()
+    g.predicted_digits = chosen
+    if batch:
+        predictions = [prediction(d, p) for d, p in zip(chosen, probs, strict=True)]
+        return json_response({"predictions": predictions, "model": model_ref(model)})
+    return json_response({**prediction(chosen[0], probs[0]), "model": model_ref(model)})
+
+
+def _version_arg() -> int | None:
+    text = request.args.get("version")
+    if text is None or text == "":
+        return None
+    try:
+        return parse_version(text)
+    except ValueError:
+        raise ApiError(400, "invalid_version", f"version must be a positive integer, got {text!r}") from None
+
+
+def _preprocess_arg() -> bool:
+    mode = request.args.get("preprocess", "auto")
+    if mode not in ("auto", "none"):
+        raise ApiError(400, "invalid_preprocess", f"preprocess must be 'auto' or 'none', got {mode!r}")
+    return mode == "auto"
+
+
+def _read_images(preprocess: bool) -> tuple[np.ndarray, bool]:
+    """(m, 28, 28) images from the request body, and whether a batch was sent."""
+    mimetype = request.mimetype
+    max_pixels = current_app.config["MAX_IMAGE_PIXELS"]
+    if mimetype.startswith("image/") or mimetype in IMAGE_TYPES:
+        data = request.get_data(cache=False)
+        if not data:
+            raise ApiError(400, "empty_body", "the request body is empty")
+        return imaging.to_mnist(imaging.decode(data, max_pixels), preprocess)[None], False
+    if mimetype == "multipart/form-data":
+        files = request.files.getlist("image")
+        if not files:
+            raise ApiError(400, "missing_image", 'multipart body has no file in the field "image"')
+        _check_batch(len(files))
+        images = [imaging.to_mnist(imaging.decode(f.read(), max_pixels), preprocess) for f in files]
+        return np.stack(images), len(images) > 1
+    if mimetype in JSON_TYPES or mimetype.endswith("+json"):
+        return _read_json(preprocess)
+    if not mimetype and not request.content_length:
+        raise ApiError(400, "empty_body", "the request body is empty; send an image or JSON")
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {mimetype or '(none)'!r} is not supported: send image/*, "
+        "application/octet-stream, multipart/form-data (field 'image') or application/json",
+    )
+
+
+def _check_batch(n: int) -> None:
+    limit = current_app.config["MAX_BATCH"]
+    if n > limit:
+        raise ApiError(413, "batch_too_large", f"batch of {n} images exceeds MAX_BATCH={limit}")
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _read_json(preprocess: bool) -> tuple[np.ndarray, bool]:
+    raw = request.get_data(cache=False)
+    if not raw:
+        raise ApiError(400, "empty_body", "the request body is empty")
+    try:
+        doc = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or not ("image" in doc or "instances" in doc):
+        raise ApiError(400, "wrong_shape", 'expected a JSON object with "image" or "instances"')
+    if "instances" in doc:
+        items = doc["instances"]
+        if not isinstance(items, list) or not items:
+            raise ApiError(400, "wrong_shape", '"instances" must be a non-empty list of images')
+        _check_batch(len(items))
+        batch = True
+    else:
+        items = [doc["image"]]
+        batch = False
+    images = _as_images(items)
+    return np.stack([imaging.to_mnist(a, preprocess) for a in images]), batch
+
+
+def _as_images(items: list) -> np.ndarray:
+    """JSON lists -> (m, 28, 28) float64, refusing anything but finite numbers 0..255."""
+    try:
+        a = np.asarray(items)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise ApiError(
+            400, "wrong_shape", "each image must be 28 rows of 28 numbers, or 784 numbers"
+        ) from None
+    if a.dtype.kind not in "iuf":
+        raise ApiError(
+            400, "wrong_type", "image values must be numbers 0..255, not strings, booleans or null"
+        )
+    if a.shape[1:] == (N_INPUTS,):
+        a = a.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+    if a.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise ApiError(
+            400, "wrong_shape", f"each image must be 28x28 or 784 values, got shape {list(a.shape[1:])}"
+        )
+    a = a.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(a)):
+        raise ApiError(400, "not_finite", "image values must be finite (no NaN or infinity)")
+    if a.min() < 0 or a.max() > 255:
+        raise ApiError(400, "out_of_range", "image values must be between 0 and 255")
+    return a

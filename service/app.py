@@ -1,0 +1,109 @@
+"""The application factory: configuration from the environment, then the parts wired together.
+
+Configuration (environment variable, default):
+
+    MODELS_DIR          ./models     the model repository
+    MODEL_NAME          mnist        the model served
+    MODEL_VERSION       (unset)      pin one version; unset = newest valid version
+    MODEL_POLL_SECONDS  5            how often each worker rescans the repository (0 = never)
+    MAX_BATCH           1024         most images in one /predict request (413 beyond)
+    MAX_CONTENT_LENGTH  4194304      largest request body in bytes, 4 MiB (413 beyond)
+    MAX_IMAGE_PIXELS    16000000     largest decoded image, width × height (413 beyond):
+                                     a 4 MiB PNG can declare gigapixels (a decompression bomb)
+
+`create_app(config)` takes overrides for any of these (the tests use it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from core.modelstore import parse_version
+from service import api, errors
+from service.models import ModelManager
+
+DEFAULTS: dict[str, Any] = {
+    "MODELS_DIR": "./models",
+    "MODEL_NAME": "mnist",
+    "MODEL_VERSION": None,
+    "MODEL_POLL_SECONDS": 5.0,
+    "MAX_BATCH": 1024,
+    "MAX_CONTENT_LENGTH": 4 * 1024 * 1024,
+    "MAX_IMAGE_PIXELS": 16_000_000,
+}
+_TYPES = {
+    "MODEL_POLL_SECONDS": float,
+    "MAX_BATCH": int,
+    "MAX_CONTENT_LENGTH": int,
+    "MAX_IMAGE_PIXELS": int,
+}
+
+
+def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """DEFAULTS overridden by environment variables, converted and checked.
+
+    A bad value stops the start with a message naming the variable, rather
+    than surfacing later as a confusing error on some request.
+    """
+    env = os.environ if env is None else env
+    cfg = dict(DEFAULTS)
+    for key in DEFAULTS:
+        if env.get(key, "") != "":
+            cfg[key] = env[key]
+    return _checked(cfg)
+
+
+def _checked(cfg: dict[str, Any]) -> dict[str, Any]:
+    for key, kind in _TYPES.items():
+        try:
+            cfg[key] = kind(cfg[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be a number, got {cfg[key]!r}") from None
+        if cfg[key] < 0 or (key != "MODEL_POLL_SECONDS" and cfg[key] == 0):
+            raise ValueError(f"{key} must be positive, got {cfg[key]!r}")
+    if cfg["MODEL_VERSION"] not in (None, ""):
+        try:
+            cfg["MODEL_VERSION"] = parse_version(cfg["MODEL_VERSION"])
+        except ValueError as e:
+            raise ValueError(f"MODEL_VERSION: {e}") from None
+    else:
+        cfg["MODEL_VERSION"] = None
+    return cfg
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """A ready Flask app: the first repository scan is done before it is returned."""
+    app = Flask(__name__)
+    cfg = load_config()
+    cfg.update(config or {})
+    app.config.update(_checked(cfg))
+    # A multipart batch has one part per image (Flask's default allows 1000 parts).
+    app.config.setdefault("MAX_FORM_PARTS", app.config["MAX_BATCH"] + 16)
+    app.config["MAX_FORM_PARTS"] = max(app.config["MAX_FORM_PARTS"], app.config["MAX_BATCH"] + 16)
+    app.config["MAX_FORM_MEMORY_SIZE"] = app.config["MAX_CONTENT_LENGTH"]
+    if not app.logger.handlers or app.logger.level == logging.NOTSET:
+        app.logger.setLevel(logging.INFO)
+
+    manager = ModelManager(
+        app.config["MODELS_DIR"],
+        app.config["MODEL_NAME"],
+        pinned=app.config["MODEL_VERSION"],
+        poll_seconds=app.config["MODEL_POLL_SECONDS"],
+    )
+    manager.scan()
+    app.extensions["models"] = manager
+    # Polling starts lazily in the process that serves: threads do not survive fork.
+    app.before_request(manager.ensure_polling)
+
+    errors.register(app)
+    app.register_blueprint(api.bp)
+
+    from service import extensions
+
+    extensions.init_app(app)
+    return app

@@ -1,0 +1,161 @@
+"""From untrusted bytes (or JSON numbers) to a 28×28 MNIST-like array.
+
+Two steps with two jobs:
+
+`decode` turns bytes into one grayscale frame, safely: the pixel count is
+checked from the header before any pixel is decoded (decompression bombs),
+every decoder failure is a client error, animations give their first frame,
+and 16-bit, palette, CMYK and alpha images become 8-bit gray. Transparent
+pixels are filled with the background that makes the opaque ink stand out
+(dark ink -> white background, light ink -> black).
+
+`to_mnist` is the real-world normalisation (`preprocess=auto`), the way MNIST
+itself was made:
+
+1. if the image's border is light (mean > 127.5), it is dark ink on a light
+   background: invert it, because MNIST is light ink on black;
+2. a 28×28 image is then used as it is: it already is in MNIST's format, and
+   an MNIST digit must reach `core.preprocess.to_vectors` untouched so that
+   served and offline predictions match bit for bit;
+3. any other size is cropped to its ink, scaled to fit 20×20 keeping its
+   aspect ratio, and pasted into 28×28 with its centre of mass at the centre.
+
+`preprocess=none` skips all of this and requires a 28×28 image.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from core.preprocess import IMAGE_SIDE
+from service.errors import ApiError
+
+BOX = 20  # MNIST scaled each digit's bounding box to fit 20×20 ...
+CENTRE = 14.0  # ... and put its centre of mass here (row/column index; measured on MNIST: 13.99, 14.00)
+INK_THRESHOLD = 40  # after background removal, fainter pixels are noise, not ink
+WORK_SIDE = 560  # larger images are reduced first: a digit needs no more, and it bounds the work
+
+# Formats whose plugins shell out to external programs (Ghostscript) are never opened.
+_EXCLUDED_FORMATS = {"EPS", "PDF"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_WIDE_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def _allowed_formats() -> list[str]:
+    Image.init()
+    return [f for f in Image.OPEN if f not in _EXCLUDED_FORMATS]
+
+
+def decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """One 8-bit grayscale frame (H, W) of `data`, or ApiError 400 / 413."""
+    if not data:
+        raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=_allowed_formats())
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ApiError(
+                    413, "image_too_large", f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}"
+                )
+            if w < 1 or h < 1:
+                raise ApiError(400, "invalid_image", f"image has no pixels ({w}x{h})")
+            img.seek(0)  # first frame of an animation
+            img.load()
+            return _to_gray(img)
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ApiError(413, "image_too_large", f"image exceeds the pixel limit: {e}") from None
+    except UnidentifiedImageError:
+        raise ApiError(400, "invalid_image", "cannot identify an image in the request body") from None
+    except Exception as e:  # any decoder failure on untrusted bytes is the client's error
+        raise ApiError(400, "invalid_image", f"cannot decode the image: {type(e).__name__}: {e}") from None
+
+
+def _to_gray(img: Image.Image) -> np.ndarray:
+    """8-bit luminance, alpha composited on the background that contrasts with the ink."""
+    sixteen_bit = img.mode.startswith("I;16")
+    if max(img.size) > WORK_SIDE:
+        if img.mode == "P":  # resampling needs real colours, not palette indices
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        elif img.mode.startswith("I;16"):
+            img = img.convert("I")
+        img.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
+    mode = img.mode
+    if mode in _WIDE_MODES:
+        a = np.asarray(img, dtype=np.float32)
+        if sixteen_bit or (mode == "I" and a.max(initial=0) > 255):
+            a = a / 257.0  # 16-bit range -> 8-bit
+        return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        la = np.asarray(img.convert("RGBA").convert("LA"), dtype=np.float32)
+        lum, alpha = la[..., 0], la[..., 1] / 255.0
+        weight = float(alpha.sum())
+        if weight == 0.0:  # fully transparent: nothing drawn
+            return np.zeros(lum.shape, np.uint8)
+        ink_is_dark = float((lum * alpha).sum()) / weight < 127.5
+        background = 255.0 if ink_is_dark else 0.0
+        return np.rint(lum * alpha + background * (1.0 - alpha)).astype(np.uint8)
+    if mode == "L":
+        return np.asarray(img)
+    try:
+        return np.asarray(img.convert("L"))
+    except ValueError:  # modes with no direct path to L (e.g. LAB, HSV)
+        return np.asarray(img.convert("RGB").convert("L"))
+
+
+def border_is_light(a: np.ndarray) -> bool:
+    """True when the outermost rows and columns are light on average: dark ink on paper."""
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    return float(border.mean()) > 127.5
+
+
+def to_mnist(a: np.ndarray, preprocess: bool = True) -> np.ndarray:
+    """A (28, 28) array of values 0..255, light ink on black, for `core.preprocess.to_vectors`."""
+    if not preprocess:
+        if a.shape != (IMAGE_SIDE, IMAGE_SIDE):
+            raise ApiError(
+                400, "wrong_shape", f"preprocess=none needs a 28x28 image, got {a.shape[1]}x{a.shape[0]}"
+            )
+        return a
+    if border_is_light(a):
+        a = 255 - a
+    if a.shape == (IMAGE_SIDE, IMAGE_SIDE):
+        return a
+    return _centre(a)
+
+
+def _centre(a: np.ndarray) -> np.ndarray:
+    """Crop to the ink, fit it into 20×20 keeping aspect, paste with its centre of mass at (14, 14)."""
+    a = a.astype(np.float32)
+    background = float(np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])))
+    if background < 255.0:  # stretch so the background is 0 and the full ink range remains
+        a = np.clip((a - background) * (255.0 / (255.0 - background)), 0.0, 255.0)
+    rows = np.flatnonzero((a > INK_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((a > INK_THRESHOLD).any(axis=0))
+    out = np.zeros((IMAGE_SIDE, IMAGE_SIDE), np.float32)
+    if rows.size == 0:
+        return out  # blank: nothing to centre
+    crop = a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    h, w = crop.shape
+    scale = BOX / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    digit = Image.fromarray(crop).resize((nw, nh), Image.Resampling.LANCZOS)
+    d = np.clip(np.asarray(digit), 0.0, 255.0)
+    mass = float(d.sum())
+    if mass == 0.0:
+        return out
+    cy = float((d.sum(axis=1) * np.arange(nh)).sum()) / mass
+    cx = float((d.sum(axis=0) * np.arange(nw)).sum()) / mass
+    top, left = round(CENTRE - cy), round(CENTRE - cx)
+    # Paste with clipping: a lopsided digit's centre of mass can push part of it off the edge.
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + nh, IMAGE_SIDE), min(left + nw, IMAGE_SIDE)
+    out[y0:y1, x0:x1] = d[y0 - top : y1 - top, x0 - left : x1 - left]
+    return np.rint(out)
