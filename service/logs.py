@@ -1,0 +1,139 @@
+"""Logs as one JSON object per line on stdout, each request tagged with a request id.
+
+Log collectors (Docker, Kubernetes, Loki, CloudWatch) read stdout and parse
+JSON lines without a grok pattern. Every line written while a request is
+being served carries that request's id: the client's `X-Request-ID` when it
+sends a sane one, otherwise a fresh one; the response echoes it, so a user's
+bug report can be matched to the server's lines.
+
+The access log is written here, by the app, rather than by gunicorn: the app
+knows the request id and the route, and gunicorn's access format cannot
+escape JSON. `gunicorn.conf.py` therefore turns gunicorn's own access log off
+and routes its error log through `JsonFormatter` with `gunicorn_logconfig()`.
+
+Settings (environment):
+    LOG_FORMAT  json (default) or text: text is for a human at a terminal.
+    LOG_LEVEL   INFO (default), DEBUG, WARNING, ...
+    ACCESS_LOG  1 (default) writes one access line per request; 0 turns it off.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+
+from flask import Flask, Response, g, has_request_context, request
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# Ids from clients are echoed into headers and logs, so only a safe alphabet is taken.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_HANDLER_NAME = "mnist-json-stdout"
+# LogRecord's own attributes; anything else on a record came from `extra=` and is logged too.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """A record as one JSON line: time, level, logger, message, request id, pid, extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        if has_request_context() and "request_id" in g:
+            doc["request_id"] = g.request_id
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRS and not key.startswith("_"):
+                doc[key] = value
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def make_formatter(fmt: str | None = None) -> logging.Formatter:
+    if (fmt or os.environ.get("LOG_FORMAT", "json")).lower() == "text":
+        return logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    return JsonFormatter()
+
+
+def configure_logging() -> None:
+    """Send the root logger to stdout through the chosen formatter, once per process."""
+    root = logging.getLogger()
+    if any(h.get_name() == _HANDLER_NAME for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(make_formatter())
+    root.addHandler(handler)
+    root.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
+
+
+def gunicorn_logconfig() -> dict:
+    """A logging.dictConfig for gunicorn.conf.py (`logconfig_dict`): its error log as JSON lines."""
+    formatter = "text" if os.environ.get("LOG_FORMAT", "json").lower() == "text" else "json"
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "json": {"()": JsonFormatter},
+            "text": {"format": "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"},
+        },
+        "handlers": {
+            "stdout": {"class": "logging.StreamHandler", "formatter": formatter, "stream": "ext://sys.stdout"}
+        },
+        "loggers": {
+            "gunicorn.error": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
+            "gunicorn.access": {"handlers": [], "level": "CRITICAL", "propagate": False},
+        },
+    }
+
+
+def request_id_from(header: str | None) -> str:
+    """The client's id when it is safe to echo, else a new random one."""
+    if header and _SAFE_ID.match(header):
+        return header
+    return uuid.uuid4().hex
+
+
+def init_app(app: Flask) -> None:
+    """Tag requests with an id, echo it, and write one access line per request."""
+    configure_logging()
+    access = logging.getLogger("access")
+    access_on = os.environ.get("ACCESS_LOG", "1") != "0"
+
+    @app.before_request
+    def _start() -> None:
+        g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        g.log_t0 = time.perf_counter()
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        rid = g.get("request_id") or request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        response.headers[REQUEST_ID_HEADER] = rid
+        if access_on:
+            t0 = g.get("log_t0")
+            access.info(
+                "%s %s %s",
+                request.method,
+                request.path,
+                response.status_code,
+                extra={
+                    "request_id": rid,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status_code,
+                    "duration_ms": round((time.perf_counter() - t0) * 1000, 3) if t0 else None,
+                    "bytes": response.calculate_content_length(),
+                    "remote": request.remote_addr,
+                },
+            )
+        return response

@@ -1,0 +1,433 @@
+"""The Open Inference Protocol (KServe V2) over REST, as Triton, KServe and MLServer speak it.
+
+Unmodified clients (tritonclient.http, KServe's and MLServer's) can use the
+service through these routes:
+
+    GET  /v2                                          server metadata
+    GET  /v2/health/live, /v2/health/ready            liveness, readiness
+    GET  /v2/models/<name>[/versions/<v>]             model metadata
+    GET  /v2/models/<name>[/versions/<v>]/ready       model readiness
+    POST /v2/models/<name>[/versions/<v>]/infer       inference
+
+The model has one input, `input`: [N, 784] or [N, 28, 28], FP32 in [0, 1]
+(the network's own input, used as is) or UINT8 in 0..255 (scaled by
+core.preprocess.to_vectors, exactly as /predict scales a 28×28 image). It has
+two outputs, `probabilities` (FP32 [N, 10]) and `digit` (INT64 [N]).
+
+Tensors travel as JSON `data` (flat or nested, row-major) or, with the binary
+tensor data extension, as raw little-endian bytes after the JSON header whose
+length the `Inference-Header-Content-Length` header gives. Errors are
+`{"error": "<message>"}`, as the protocol requires, not the base service's
+`{"error": {"code", "message"}}`.
+
+The parsing and encoding are pure functions of bytes, so they are unit-tested
+without a server; the views only glue them to the model manager.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flask import Blueprint, Flask, Response, current_app, g, request
+from werkzeug.exceptions import HTTPException
+
+from core.modelstore import LoadedModel, parse_version
+from core.network import probabilities
+from core.preprocess import IMAGE_SIDE, N_INPUTS, to_vectors
+from service.errors import ApiError
+
+SERVER_NAME = "mnist-serving"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ("binary_tensor_data",)
+PLATFORM = "numpy_mlp"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+INPUT_NAME = "input"
+# Wire dtypes are little-endian whatever the host's byte order.
+INPUT_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1")}
+OUTPUT_DTYPES = {"probabilities": ("FP32", np.dtype("<f4")), "digit": ("INT64", np.dtype("<i8"))}
+INPUT_SHAPES = ((N_INPUTS,), (IMAGE_SIDE, IMAGE_SIDE))
+
+
+class V2Error(Exception):
+    """A protocol error: HTTP status and the message for `{"error": ...}`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A validated inference request: network input rows and what to send back."""
+
+    id: str | None
+    parameters: dict[str, Any] | None
+    x: np.ndarray  # (N, 784) float32 in [0, 1]
+    outputs: tuple[tuple[str, bool], ...]  # (output name, as binary)
+
+
+# --- parsing -----------------------------------------------------------------
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """The JSON header and the binary tensor bytes that follow it."""
+    if header_length is None:
+        return body, b""
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise V2Error(400, f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    if not 0 < n <= len(body):
+        raise V2Error(400, f"{HEADER_LENGTH} {n} is outside the body's {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def _parameters(obj: dict, where: str) -> dict[str, Any] | None:
+    params = obj.get("parameters")
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise V2Error(400, f"{where} parameters must be a JSON object")
+    for key, value in params.items():
+        if not isinstance(value, str | int | float | bool):
+            raise V2Error(400, f"{where} parameter {key!r} must be a string, number or boolean")
+    return params
+
+
+def _flag(params: dict[str, Any] | None, key: str, where: str) -> bool | None:
+    if not params or key not in params:
+        return None
+    if not isinstance(params[key], bool):
+        raise V2Error(400, f"{where} parameter {key!r} must be a boolean")
+    return params[key]
+
+
+def _shape(tensor: dict, max_batch: int) -> tuple[int, ...]:
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise V2Error(400, "input shape must be a list of non-negative integers")
+    if len(shape) < 2 or tuple(shape[1:]) not in INPUT_SHAPES:
+        raise V2Error(400, f"input shape must be [N, 784] or [N, 28, 28], got {shape}")
+    if shape[0] < 1:
+        raise V2Error(400, "input batch size N must be at least 1")
+    if shape[0] > max_batch:
+        raise V2Error(413, f"batch of {shape[0]} exceeds the maximum of {max_batch}")
+    return tuple(shape)
+
+
+def tensor_from_json(data: Any, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """JSON tensor data, flat or nested in its natural shape, as an array of `shape`.
+
+    Numbers only: strings and nulls are errors. JSON booleans become 1 and 0, a
+    coercion the protocol allows ("the server can decide to coerce each element").
+    """
+    if not isinstance(data, list):
+        raise V2Error(400, "input data must be a JSON array")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError, OverflowError):
+        raise V2Error(400, "input data must be a rectangular array of numbers") from None
+    if arr.dtype.kind not in ("biu" if datatype == "UINT8" else "biuf"):
+        kind = "integers" if datatype == "UINT8" else "numbers"
+        raise V2Error(400, f"{datatype} input data must contain only {kind}")
+    if arr.ndim > 1 and arr.shape != shape:
+        raise V2Error(400, f"input data has shape {list(arr.shape)}, the tensor's shape is {list(shape)}")
+    if arr.size != math.prod(shape):
+        raise V2Error(400, f"input data has {arr.size} values, shape {list(shape)} needs {math.prod(shape)}")
+    if datatype == "UINT8":
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise V2Error(400, "UINT8 input values must be in 0..255")
+        return arr.astype(np.uint8).reshape(shape)
+    return arr.astype(np.float32).reshape(shape)
+
+
+def tensor_from_bytes(raw: bytes, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Raw little-endian row-major bytes as an array of `shape` (the binary extension)."""
+    dtype = INPUT_DTYPES[datatype]
+    need = math.prod(shape) * dtype.itemsize
+    if len(raw) != need:
+        raise V2Error(400, f"binary input has {len(raw)} bytes, {datatype} {list(shape)} needs {need}")
+    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="), copy=False).reshape(shape)
+
+
+def to_network_input(arr: np.ndarray, datatype: str) -> np.ndarray:
+    """(N, 784) float32 rows in [0, 1], the rows core.network.probabilities takes.
+
+    UINT8 goes through the one preprocessing function, so it matches /predict
+    bit for bit; FP32 is already the network's input and is only checked.
+    """
+    if datatype == "UINT8":
+        return to_vectors(arr.reshape(-1, N_INPUTS))
+    x = np.ascontiguousarray(arr.reshape(-1, N_INPUTS), dtype=np.float32)
+    if not np.all(np.isfinite(x)):
+        raise V2Error(400, "FP32 input contains NaN or infinity")
+    if x.size and (x.min() < 0.0 or x.max() > 1.0):
+        raise V2Error(400, "FP32 input values must be in [0, 1] (send UINT8 for 0..255 pixels)")
+    return x
+
+
+def parse_infer_request(body: bytes, header_length: str | None, max_batch: int) -> InferRequest:
+    """Validate an inference request body (JSON header plus optional binary tensors)."""
+    header, raw = split_body(body, header_length)
+    try:
+        doc = json.loads(header)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise V2Error(400, f"malformed JSON request: {e}") from None
+    if not isinstance(doc, dict):
+        raise V2Error(400, "the request must be a JSON object")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise V2Error(400, "id must be a string")
+    params = _parameters(doc, "request")
+
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
+        raise V2Error(400, "inputs must be a list of tensor objects")
+    if len(inputs) != 1:
+        raise V2Error(400, f"the model takes 1 input ({INPUT_NAME!r}), got {len(inputs)}")
+    tensor = inputs[0]
+    if tensor.get("name") != INPUT_NAME:
+        raise V2Error(400, f"unexpected input {tensor.get('name')!r}: the model's input is {INPUT_NAME!r}")
+    datatype = tensor.get("datatype")
+    if datatype not in INPUT_DTYPES:
+        raise V2Error(400, f"input datatype must be FP32 or UINT8, got {datatype!r}")
+    shape = _shape(tensor, max_batch)
+    tensor_params = _parameters(tensor, "input")
+    if tensor_params and "binary_data_size" in tensor_params:
+        size = tensor_params["binary_data_size"]
+        if type(size) is not int or size < 0:
+            raise V2Error(400, "binary_data_size must be a non-negative integer")
+        if "data" in tensor:
+            raise V2Error(400, "an input has either JSON data or binary_data_size, not both")
+        if size > len(raw):
+            raise V2Error(400, f"binary_data_size {size} exceeds the {len(raw)} bytes after the JSON header")
+        arr = tensor_from_bytes(raw[:size], datatype, shape)
+        raw = raw[size:]
+    elif "data" in tensor:
+        arr = tensor_from_json(tensor["data"], datatype, shape)
+    else:
+        raise V2Error(400, "input has neither data nor binary_data_size")
+    if raw:
+        raise V2Error(400, f"{len(raw)} bytes after the JSON header belong to no input")
+    x = to_network_input(arr, datatype)
+
+    default_binary = bool(_flag(params, "binary_data_output", "request"))
+    requested = doc.get("outputs")
+    if requested is None:
+        outputs = tuple((name, default_binary) for name in OUTPUT_DTYPES)
+    else:
+        if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
+            raise V2Error(400, "outputs must be a list of objects")
+        chosen: list[tuple[str, bool]] = []
+        for out in requested:
+            name = out.get("name")
+            if name not in OUTPUT_DTYPES:
+                raise V2Error(400, f"unknown output {name!r}: the outputs are {sorted(OUTPUT_DTYPES)}")
+            if any(name == n for n, _ in chosen):
+                raise V2Error(400, f"output {name!r} requested twice")
+            binary = _flag(_parameters(out, "output"), "binary_data", "output")
+            chosen.append((name, default_binary if binary is None else binary))
+        outputs = tuple(chosen)
+    return InferRequest(request_id, params, x, outputs)
+
+
+# --- inference and encoding --------------------------------------------------
+
+
+def infer(model: LoadedModel, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The two outputs, from the one forward pass the trainer evaluated."""
+    probs = probabilities(model.net, x).astype(np.float32, copy=False)
+    return {"probabilities": probs, "digit": np.argmax(probs, axis=1).astype(np.int64)}
+
+
+def encode_response(
+    model: LoadedModel, req: InferRequest, results: dict[str, np.ndarray], response_id: str | None
+) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the JSON header's length."""
+    outputs, blobs = [], []
+    for name, binary in req.outputs:
+        datatype, dtype = OUTPUT_DTYPES[name]
+        arr = results[name]
+        out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if binary:
+            blob = np.ascontiguousarray(arr, dtype=dtype).tobytes()
+            out["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            out["data"] = arr.ravel().tolist()
+        outputs.append(out)
+    doc: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
+    if response_id is not None:
+        doc["id"] = response_id
+    if req.parameters is not None:
+        doc["parameters"] = req.parameters
+    doc["outputs"] = outputs
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return header + b"".join(blobs), len(header)
+
+
+def model_metadata(name: str, versions: list[int]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "versions": [str(v) for v in versions],
+        "platform": PLATFORM,
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, N_INPUTS]}],
+        "outputs": [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+            {"name": "digit", "datatype": "INT64", "shape": [-1]},
+        ],
+    }
+
+
+# --- the blueprint -----------------------------------------------------------
+
+bp = Blueprint("v2", __name__, url_prefix="/v2")
+
+
+def _json(doc: dict[str, Any], status: int = 200) -> Response:
+    return Response(json.dumps(doc), status=status, mimetype="application/json")
+
+
+def error(status: int, message: str, headers: Any = None) -> Response:
+    return Response(
+        json.dumps({"error": message}), status=status, mimetype="application/json", headers=headers
+    )
+
+
+def _model(name: str, version: str | None) -> LoadedModel:
+    """The served (or pinned) model, with the base service's errors in V2 terms."""
+    models = current_app.extensions["models"]
+    if name != models.name:
+        raise V2Error(404, f"unknown model {name!r}; this server serves {models.name!r}")
+    number = None
+    if version is not None:
+        try:
+            number = parse_version(version)
+        except ValueError as e:
+            raise V2Error(400, str(e)) from None
+    try:
+        return models.get(number)
+    except ApiError as e:
+        raise V2Error(e.status, e.message) from None
+
+
+def _versions(model: LoadedModel) -> list[int]:
+    """Every version a client may pin: the valid ones the manager lists, and the served one."""
+    status = current_app.extensions["models"].status()
+    versions = {model.version}
+    for entry in status.get("versions", []):
+        if (
+            isinstance(entry, dict)
+            and isinstance(entry.get("version"), int)
+            and entry.get("state") != "rejected"
+        ):
+            versions.add(entry["version"])
+    return sorted(versions)
+
+
+@bp.errorhandler(V2Error)
+def _v2_error(e: V2Error) -> Response:
+    return error(e.status, e.message)
+
+
+@bp.errorhandler(ApiError)
+def _api_error(e: ApiError) -> Response:
+    return error(e.status, e.message)
+
+
+@bp.errorhandler(Exception)
+def _unexpected(e: Exception) -> Response:
+    current_app.logger.exception("unhandled error on %s %s", request.method, request.path, exc_info=e)
+    return error(500, "internal server error")
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(e: HTTPException) -> Response:
+    """werkzeug's 404/405/413... in the protocol's shape, keeping headers such as Allow."""
+    status = e.code or 500
+    if status >= 500:
+        return _unexpected(e)
+    message = e.description or e.name
+    if status == 404:
+        message = f"no route {request.method} {request.path}"
+    elif status == 405:
+        message = f"method {request.method} not allowed for {request.path}"
+    headers = [(k, v) for k, v in e.get_headers() if k.lower() not in ("content-type", "content-length")]
+    return error(status, message, headers)
+
+
+def init_app(app: Flask) -> None:
+    """Register the routes, and answer routing errors under /v2 in the protocol's shape.
+
+    404 and 405 are raised while routing, before any blueprint is chosen, so
+    the blueprint's handler never sees them; the app's HTTPException handler
+    is wrapped to send /v2 paths to it and everything else where it went.
+    """
+    app.register_blueprint(bp)
+    base = app.error_handler_spec[None][None].get(HTTPException)
+
+    def routing_error(e: HTTPException) -> Any:
+        if request.path == bp.url_prefix or request.path.startswith(bp.url_prefix + "/"):
+            return _http_error(e)
+        return base(e) if base is not None else e
+
+    app.register_error_handler(HTTPException, routing_error)
+
+
+@bp.get("")
+def server_metadata() -> Response:
+    return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)})
+
+
+@bp.get("/health/live")
+def live() -> Response:
+    return _json({"live": True})
+
+
+@bp.get("/health/ready")
+def ready() -> Response:
+    # The protocol signals "false" with a 4xx status (Triton sends 400), not 503.
+    is_ready = current_app.extensions["models"].current() is not None
+    return _json({"ready": is_ready}, 200 if is_ready else 400)
+
+
+@bp.get("/models/<name>")
+@bp.get("/models/<name>/versions/<version>")
+def metadata(name: str, version: str | None = None) -> Response:
+    model = _model(name, version)
+    return _json(model_metadata(model.name, _versions(model)))
+
+
+@bp.get("/models/<name>/ready")
+@bp.get("/models/<name>/versions/<version>/ready")
+def model_ready(name: str, version: str | None = None) -> Response:
+    try:
+        model = _model(name, version)
+    except V2Error as e:
+        if e.status != 503:
+            raise
+        return _json({"name": name, "ready": False}, 400)
+    return _json({"name": model.name, "ready": True})
+
+
+@bp.post("/models/<name>/infer")
+@bp.post("/models/<name>/versions/<version>/infer")
+def infer_view(name: str, version: str | None = None) -> Response:
+    model = _model(name, version)
+    body = request.get_data(cache=False)
+    max_batch = int(current_app.config.get("MAX_BATCH", 1024))
+    req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), max_batch)
+    results = infer(model, req.x)
+    g.predicted_digits = results["digit"].tolist()
+    response_id = req.id if req.id is not None else g.get("request_id")
+    payload, header_length = encode_response(model, req, results, response_id)
+    if header_length is None:
+        return Response(payload, mimetype="application/json")
+    return Response(payload, mimetype="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
