@@ -143,8 +143,20 @@ def _read_json(preprocess: bool) -> tuple[np.ndarray, bool]:
     else:
         items = [doc["image"]]
         batch = False
+    if b"true" in raw or b"false" in raw:  # numpy would quietly read booleans as 1 and 0
+        _reject_booleans(items)
     images = _as_images(items)
     return np.stack([imaging.to_mnist(a, preprocess) for a in images]), batch
+
+
+def _reject_booleans(items: list) -> None:
+    stack = [items]
+    while stack:
+        for v in stack.pop():
+            if isinstance(v, bool):
+                raise ApiError(400, "wrong_type", "image values must be numbers 0..255, not booleans")
+            if isinstance(v, list):
+                stack.append(v)
 
 
 def _as_images(items: list) -> np.ndarray:
