@@ -11,7 +11,8 @@ Environment (default):
     GUNICORN_KEEPALIVE        5          seconds an idle keep-alive connection stays open
     GUNICORN_TMP_DIR          /dev/shm   worker heartbeat files (a tmpfs: the rootfs may be read-only)
     GUNICORN_CONTROL_SOCKET   (off)      path for gunicornc's control socket
-    GUNICORN_ACCESS_LOG       -          access log target ("-" = stdout, "" = off)
+    GUNICORN_ACCESS_LOG       (off)      gunicorn's own access log ("-" = stdout); the app already
+                                         writes one JSON access line per request (service/logs.py)
     LOG_LEVEL                 info
     PROMETHEUS_MULTIPROC_DIR  (fresh temp dir) where workers share metrics; wiped at start
 
@@ -22,6 +23,7 @@ the workers themselves already use the cores.
 
 import os
 import shutil
+import sys
 import tempfile
 
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -43,8 +45,14 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "20"))
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
 worker_tmp_dir = _tmp_base()
-accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "-") or None
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "") or None
 errorlog = "-"
+# gunicorn's own lines as JSON too, through the app's formatter (LOG_FORMAT=text for humans).
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from service.logs import gunicorn_logconfig  # noqa: E402
+
+logconfig_dict = gunicorn_logconfig()
 loglevel = os.environ.get("LOG_LEVEL", "info")
 capture_output = False
 # gunicorn's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl), which

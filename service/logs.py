@@ -80,6 +80,8 @@ def configure_logging() -> None:
 def gunicorn_logconfig() -> dict:
     """A logging.dictConfig for gunicorn.conf.py (`logconfig_dict`): its error log as JSON lines."""
     formatter = "text" if os.environ.get("LOG_FORMAT", "json").lower() == "text" else "json"
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    access_level = "INFO" if os.environ.get("GUNICORN_ACCESS_LOG") else "CRITICAL"
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -87,12 +89,19 @@ def gunicorn_logconfig() -> dict:
             "json": {"()": JsonFormatter},
             "text": {"format": "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"},
         },
+        # Named like configure_logging's handler, so the app does not add a second one.
         "handlers": {
-            "stdout": {"class": "logging.StreamHandler", "formatter": formatter, "stream": "ext://sys.stdout"}
+            _HANDLER_NAME: {
+                "class": "logging.StreamHandler",
+                "formatter": formatter,
+                "stream": "ext://sys.stdout",
+            }
         },
+        "root": {"level": level, "handlers": [_HANDLER_NAME]},
         "loggers": {
-            "gunicorn.error": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
-            "gunicorn.access": {"handlers": [], "level": "CRITICAL", "propagate": False},
+            "gunicorn.error": {"handlers": [_HANDLER_NAME], "level": level, "propagate": False},
+            # The app writes the access lines; gunicorn's own only when GUNICORN_ACCESS_LOG asks.
+            "gunicorn.access": {"handlers": [_HANDLER_NAME], "level": access_level, "propagate": False},
         },
     }
 
