@@ -114,7 +114,8 @@ import sys, time
 import numpy as np
 from core import modelstore as ms
 from core.network import new_network
-net = new_network([784, 8, 10], ["relu", "softmax"], "cross_entropy", np.random.default_rng(int(sys.argv[2])), "he")
+rng = np.random.default_rng(int(sys.argv[2]))
+net = new_network([784, 8, 10], ["relu", "softmax"], "cross_entropy", rng, "he")
 start = float(sys.argv[3])
 while time.time() < start:
     pass
