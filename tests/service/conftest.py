@@ -7,9 +7,11 @@ import io
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,30 +60,31 @@ def random_net(seed: int = 0, hidden: int = 30) -> network.Network:
 @pytest.fixture(scope="session")
 def trained_net(mnist: Mnist) -> network.Network:
     """A 784-64-10 network trained by core.network.backprop on real MNIST for a few seconds
-    (about 95% test accuracy): good enough that recognising digits is a real test."""
+    (90-95% test accuracy): good enough that recognising digits is a real test."""
     rng = np.random.default_rng(0)
     net = network.new_network([784, 64, 10], ["sigmoid", "softmax"], "cross_entropy", rng, init="scaled")
     perm = rng.permutation(len(mnist.train_labels))
     x = np.ascontiguousarray(to_vectors(mnist.train_images[perm]).T)
     y = network.one_hot(mnist.train_labels[perm])
     m, eta = 100, 1.0
-    deadline = time.monotonic() + 20
-    for _epoch in range(2):
-        for k in range(0, x.shape[1], m):
-            gw, gb = network.backprop(net, x[:, k : k + m], y[:, k : k + m])
-            net = net.with_params(
-                [w - (eta / m) * g for w, g in zip(net.weights, gw, strict=True)],
-                [b - (eta / m) * g for b, g in zip(net.biases, gb, strict=True)],
-            )
-        if time.monotonic() > deadline:
+    deadline = time.monotonic() + 15  # the machine is shared: bound the time, not the epochs
+    for k in list(range(0, x.shape[1], m)) * 2:
+        gw, gb = network.backprop(net, x[:, k : k + m], y[:, k : k + m])
+        net = net.with_params(
+            [w - (eta / m) * g for w, g in zip(net.weights, gw, strict=True)],
+            [b - (eta / m) * g for b, g in zip(net.biases, gb, strict=True)],
+        )
+        if time.monotonic() > deadline and k >= 30_000:
             break
     accuracy = float(np.mean(network.predict(net, to_vectors(mnist.test_images)) == mnist.test_labels))
-    assert accuracy > 0.92, f"the fixture network only reached {accuracy:.3f}"
+    assert accuracy > 0.9, f"the fixture network only reached {accuracy:.3f}"
     return net
 
 
 def publish(models_dir: Path, net: network.Network, **metadata) -> int:
-    return modelstore.publish(models_dir, "mnist", net, {"accuracy": metadata.pop("accuracy", 0.5), **metadata})
+    return modelstore.publish(
+        models_dir, "mnist", net, {"accuracy": metadata.pop("accuracy", 0.5), **metadata}
+    )
 
 
 @pytest.fixture
@@ -104,6 +107,22 @@ def png_bytes(a: np.ndarray, mode: str | None = None, fmt: str = "PNG", **save) 
     buf = io.BytesIO()
     img.save(buf, fmt, **save)
     return buf.getvalue()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG header declaring width×height pixels, with almost no data: a decompression bomb's
+    first bytes, built by hand so the test does not have to allocate the gigapixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
 
 
 # --- a real gunicorn ------------------------------------------------------------------------
