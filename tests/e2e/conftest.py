@@ -1,0 +1,220 @@
+"""The e2e stack: a newcomer's `git clone`, `docker compose up`, real HTTP to the container.
+
+The clone is of the committed HEAD, so what is tested is what a user gets:
+uncommitted files (and the developer's ./data, ./models) are not in it. Its
+data directory is filled from ../shared/datasets/mnist, as the issue asks, so
+the trainer container never downloads. Everything runs under one unique
+compose project on a free port; the finaliser runs `docker compose down -v`
+and checks that no container of the project is left, whatever the tests did.
+
+Environment (default):
+    E2E_TORCH_INDEX_URL  https://pypi.org/simple   the trainer image's TORCH_INDEX_URL build arg
+                                                    (the CPU wheel index is unreachable here)
+    E2E_POLL_SECONDS     2                          MODEL_POLL_SECONDS of the api under test
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared"
+RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+HEALTHY_WITHIN = 120.0
+TIMINGS = pytest.StashKey[list]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[TIMINGS] = []
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    rows = config.stash.get(TIMINGS, [])
+    if rows:
+        terminalreporter.section("e2e step timings")
+        for name, seconds in rows:
+            terminalreporter.write_line(f"{seconds:8.1f} s  {name}")
+
+
+@dataclass
+class Timer:
+    """Records and prints (live, despite output capture) how long each step took."""
+
+    config: pytest.Config
+    rows: list = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            seconds = time.monotonic() - t0
+            self.config.stash[TIMINGS].append((name, seconds))
+            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(f"[e2e] {name}: {seconds:.1f} s")
+
+
+@dataclass
+class Stack:
+    """One compose project in a fresh clone; `compose(...)` runs `docker compose` in it."""
+
+    repo: Path
+    project: str
+    port: int
+    env: dict[str, str]
+    poll_seconds: float
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def compose(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = ["docker", "compose", *args]
+        proc = subprocess.run(
+            cmd, cwd=self.repo, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            pytest.fail(
+                f"`{' '.join(cmd)}` exited {proc.returncode}\n--- stdout\n{proc.stdout[-5000:]}"
+                f"\n--- stderr\n{proc.stderr[-5000:]}\n--- api logs\n{self.logs()}"
+            )
+        return proc
+
+    def logs(self, tail: int = 200) -> str:
+        proc = subprocess.run(
+            ["docker", "compose", "logs", "--no-color", "--tail", str(tail), "api"],
+            cwd=self.repo,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return proc.stdout + proc.stderr
+
+    def api_container(self) -> str:
+        cid = self.compose("ps", "-q", "api").stdout.strip()
+        assert cid, f"no api container in project {self.project}\n{self.logs()}"
+        return cid
+
+    def inspect(self, cid: str | None = None) -> dict:
+        out = subprocess.run(
+            ["docker", "inspect", cid or self.api_container()],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return json.loads(out.stdout)[0]
+
+    def wait_healthy(self, within: float = HEALTHY_WITHIN) -> None:
+        """Until the api's Docker healthcheck says healthy; fails with the logs if it does not."""
+        deadline = time.monotonic() + within
+        status = "unknown"
+        while time.monotonic() < deadline:
+            state = self.inspect()["State"]
+            status = state.get("Health", {}).get("Status", state["Status"])
+            if status == "healthy":
+                return
+            time.sleep(0.5)
+        pytest.fail(f"api not healthy within {within:.0f} s (last status {status})\n{self.logs()}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fill_mnist(data_dir: Path) -> None:
+    """DATA_DIR/MNIST/raw from ../shared/datasets/mnist, where torchvision looks first."""
+    raw = data_dir / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    source = Path(os.environ.get("MNIST_FILES", SHARED / "datasets" / "mnist"))
+    if not source.is_dir():
+        pytest.fail(f"no MNIST files in {source}: set MNIST_FILES to the folder with the *-ubyte.gz files")
+    for name in RAW_FILES:
+        with gzip.open(source / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+
+@pytest.fixture(scope="session")
+def timer(request: pytest.FixtureRequest) -> Timer:
+    return Timer(request.config)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, timer: Timer) -> Iterator[Stack]:
+    """The api up and healthy from a fresh clone; `docker compose down -v` whatever happens."""
+    setup = SHARED / "tools" / "docker-setup"
+    with timer.step("docker-setup"):
+        if setup.exists():
+            subprocess.run([str(setup)], check=True, timeout=900)
+        elif shutil.which("docker") is None:
+            pytest.fail(f"no docker and no {setup}")
+
+    repo = tmp_path_factory.mktemp("newcomer") / "repo"
+    with timer.step("git clone + MNIST into ./data"):
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(repo)], check=True, timeout=120)
+        fill_mnist(repo / "data")
+
+    poll = float(os.environ.get("E2E_POLL_SECONDS", "2"))
+    project = f"mnist-e2e-{os.getpid()}-{int(time.time()) % 100000}"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        # the developer's shell must not configure the newcomer's stack
+        if k not in ("MODEL_NAME", "MODEL_VERSION", "MODELS_DIR", "DATA_DIR", "WEB_CONCURRENCY")
+    }
+    port = free_port()
+    env.update(
+        COMPOSE_PROJECT_NAME=project,
+        PORT=str(port),
+        MODEL_POLL_SECONDS=str(poll),
+        HOST_UID=str(os.getuid()),
+        HOST_GID=str(os.getgid()),
+        TORCH_INDEX_URL=os.environ.get("E2E_TORCH_INDEX_URL", "https://pypi.org/simple"),
+        MNIST_DOWNLOAD="0",
+    )
+    s = Stack(repo, project, port, env, poll)
+    try:
+        with timer.step("docker compose up -d --build (api image)"):
+            s.compose("up", "-d", "--build", timeout=900)
+        with timer.step("up -> healthy"):
+            s.wait_healthy()
+        yield s
+    finally:
+        with timer.step("docker compose down -v"):
+            # --rmi local drops this project's image tags; BuildKit's cache keeps the layers,
+            # so the next run's build is a cache hit all the same.
+            s.compose(
+                "--profile", "train", "down", "-v", "--remove-orphans", "--rmi", "local", "--timeout", "30",
+                check=False,
+            )  # fmt: skip
+        left = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.split()
+        # The clone's ./models may hold files the trainer container wrote; they belong to us (HOST_UID).
+        shutil.rmtree(repo, ignore_errors=True)
+        assert not left, f"containers left behind by project {project}: {left}"
