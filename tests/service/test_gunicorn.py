@@ -1,0 +1,265 @@
+"""The service under a real gunicorn (gunicorn.conf.py), over HTTP with requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from core import network
+from core.preprocess import to_vectors
+from tests.service.conftest import ROOT, png_bytes, publish, random_net
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def served(trained_models_dir, tmp_path_factory):
+    """One gunicorn (2 workers) serving the trained model, shared by the read-only tests."""
+    from tests.service.conftest import gunicorn as factory
+
+    gen = factory.__wrapped__(tmp_path_factory)
+    start = next(gen)
+    try:
+        yield start(trained_models_dir)
+    finally:
+        next(gen, None)
+
+
+def test_real_mnist_pngs_get_the_offline_digits(served, mnist, trained_net):
+    images = mnist.test_images[:300]
+    offline = network.predict(trained_net, to_vectors(images))
+    with requests.Session() as s:
+        got = []
+        for i, image in enumerate(images):
+            r = s.post(served.url + "/predict", data=png_bytes(image), headers={"Content-Type": "image/png"})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            got.append(body["digit"])
+            if i < 20:  # bit for bit against the same image through the same functions
+                expected = network.probabilities(trained_net, to_vectors(image))[0].tolist()
+                assert body["probabilities"] == expected
+    assert got == offline.tolist()
+    assert np.mean(np.array(got) == mnist.test_labels[:300]) > 0.88
+
+
+def test_batch_over_http(served, mnist, trained_net):
+    images = mnist.test_images[300:556]
+    r = requests.post(served.url + "/predict", json={"instances": images.tolist()}, timeout=30)
+    assert r.status_code == 200
+    got = [p["digit"] for p in r.json()["predictions"]]
+    assert got == network.predict(trained_net, to_vectors(images)).tolist()
+
+
+def test_concurrent_clients(served, mnist, trained_net):
+    n_clients, per_client = 12, 25
+    images = mnist.test_images[:per_client]
+    expected = network.predict(trained_net, to_vectors(images)).tolist()
+    bodies = [png_bytes(a) for a in images]
+    results: list[list[int]] = [[] for _ in range(n_clients)]
+    errors: list[str] = []
+    barrier = threading.Barrier(n_clients)
+
+    def client(k: int) -> None:
+        with requests.Session() as s:
+            barrier.wait()
+            for body in bodies:
+                try:
+                    r = s.post(
+                        served.url + "/predict", data=body, headers={"Content-Type": "image/png"}, timeout=30
+                    )
+                    results[k].append(r.json()["digit"] if r.status_code == 200 else -r.status_code)
+                except requests.RequestException as e:
+                    errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert all(r == expected for r in results)
+
+
+def test_numpy_uses_one_thread_per_worker(served):
+    """The config's thread limits reach numpy (threadpoolctl), and a live worker has no BLAS pool."""
+    code = (
+        "import runpy, json; runpy.run_path('gunicorn.conf.py'); import numpy, threadpoolctl;"
+        "print(json.dumps([p['num_threads'] for p in threadpoolctl.threadpool_info()]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(served.log.parent)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    pools = json.loads(out.stdout)
+    assert pools and all(n == 1 for n in pools), pools
+    # In the server: after predictions have run, each sync worker has its main thread and the poller.
+    requests.post(served.url + "/predict", json={"image": [0] * 784}, timeout=10)
+    for pid in served.workers():
+        threads = int(Path(f"/proc/{pid}/status").read_text().split("Threads:")[1].split()[0])
+        assert threads <= 2, threads
+
+
+def test_client_cli(served, mnist, trained_net, tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(png_bytes(mnist.test_images[i]))
+    expected = network.predict(trained_net, to_vectors(mnist.test_images[:3])).tolist()
+    for args in ([paths[0]], paths):
+        cmd = [sys.executable, "-m", "service.client", *map(str, args), "--url", served.url]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert len(lines) == len(args)
+        for line, path, digit in zip(lines, args, expected, strict=False):
+            assert line.startswith(f"{path}: {digit} (confidence 0.")
+    # clean errors: a bad file, an unreachable server, a service error
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    for args, code, text in (
+        ([str(tmp_path / "missing.png"), "--url", served.url], 2, "cannot read"),
+        ([str(paths[0]), "--url", "http://127.0.0.1:9"], 1, "cannot reach"),
+        ([str(junk), "--url", served.url], 1, "invalid_image"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "service.client", *args], cwd=ROOT, capture_output=True, text=True
+        )
+        assert out.returncode == code and text in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+class Load:
+    """n threads posting one image in a loop, recording every outcome, until stopped."""
+
+    def __init__(self, url: str, image: np.ndarray, n: int = 8) -> None:
+        self.url, self.body = url, png_bytes(image)
+        self.stop = threading.Event()
+        self.ok: list[dict] = []
+        self.failures: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run) for _ in range(n)]
+
+    def _run(self) -> None:
+        with requests.Session() as s:
+            while not self.stop.is_set():
+                try:
+                    r = s.post(
+                        self.url + "/predict",
+                        data=self.body,
+                        headers={"Content-Type": "image/png"},
+                        timeout=30,
+                    )
+                    with self.lock:
+                        if r.status_code == 200:
+                            self.ok.append(r.json())
+                        else:
+                            self.failures.append(f"{r.status_code} {r.text[:200]}")
+                except requests.RequestException as e:
+                    with self.lock:
+                        self.failures.append(repr(e))
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+    def wait_for(self, predicate, timeout: float) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            with self.lock:
+                recent = self.ok[-16:]
+            if len(recent) == 16 and all(predicate(b) for b in recent):
+                return time.monotonic() - start
+            time.sleep(0.05)
+        raise AssertionError(f"condition not met in {timeout}s; last {self.ok[-3:]}")
+
+
+def test_new_version_mid_load_and_corrupt_version(gunicorn, tmp_path, mnist, trained_net):
+    models_dir = tmp_path / "models"
+    v1 = random_net(1)
+    publish(models_dir, v1)
+    poll = 0.5
+    server = gunicorn(models_dir, MODEL_POLL_SECONDS=str(poll))
+    image = mnist.test_images[0]
+    expected = {
+        1: network.probabilities(v1, to_vectors(image))[0].tolist(),
+        2: network.probabilities(trained_net, to_vectors(image))[0].tolist(),
+    }
+    with Load(server.url, image) as load:
+        load.wait_for(lambda b: b["model"]["version"] == 1, 10)
+        publish(models_dir, trained_net)
+        took = load.wait_for(lambda b: b["model"]["version"] == 2, 10)
+        assert took < poll + 3
+        # A corrupt version 3 (weights tampered after publishing) is ignored.
+        shutil.copytree(models_dir / "mnist" / "2", models_dir / "mnist" / "3")
+        (models_dir / "mnist" / "3" / "weights.npz").write_bytes(b"corrupt")
+        time.sleep(3 * poll)
+    assert not load.failures, load.failures[:5]
+    # No mixed request: every answer is exactly what the version it names computes.
+    for body in load.ok:
+        assert body["probabilities"] == expected[body["model"]["version"]]
+    counts = Counter(b["model"]["version"] for b in load.ok)
+    assert set(counts) == {1, 2} and len(load.ok) > 50
+    status = requests.get(server.url + "/models", timeout=10).json()
+    by_version = {v["version"]: v for v in status["versions"]}
+    assert status["serving"] == 2 and by_version[3]["state"] == "rejected"
+    assert "sha256" in by_version[3]["reason"]
+    assert "rejected" in server.logs() and "version 3" in server.logs()
+
+
+def test_hup_under_load_drops_nothing(gunicorn, models_dir, mnist):
+    server = gunicorn(models_dir)
+    old = server.workers()
+    with Load(server.url, mnist.test_images[0]) as load:
+        load.wait_for(lambda b: True, 10)
+        server.proc.send_signal(signal.SIGHUP)
+        new = server.wait_workers(2, exclude=old)
+        after = len(load.ok)
+        load.wait_for(lambda b: len(load.ok) > after + 16, 10)  # the new workers serve too
+    assert not load.failures, load.failures[:5]
+    assert new.isdisjoint(old)
+
+
+def test_term_finishes_in_flight_requests(gunicorn, models_dir, mnist):
+    """Two requests are mid-upload (one per sync worker) when TERM arrives: both are answered."""
+    server = gunicorn(models_dir)
+    port = int(server.url.rsplit(":", 1)[1])
+    body = json.dumps({"image": mnist.test_images[0].tolist()}).encode()
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    socks = []
+    for _ in range(2):
+        s = socket.create_connection(("127.0.0.1", port), timeout=20)
+        s.sendall(head + body[:100])
+        socks.append(s)
+    time.sleep(0.5)  # both accepted, each worker blocked reading its body
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    replies = []
+    for s in socks:
+        s.sendall(body[100:])
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        s.close()
+        replies.append(data)
+    assert all(r.startswith(b"HTTP/1.1 200") and b'"digit"' in r for r in replies), replies
+    assert server.proc.wait(20) == 0
