@@ -41,6 +41,7 @@ def _errors(schema: str, codes: dict[int, str]) -> dict[str, Any]:
 
 def _schemas(max_batch: int) -> dict[str, Any]:
     pixel = {"type": "number", "minimum": 0, "maximum": 255}
+    batch = {"type": "integer", "minimum": 1, "description": f"N, at most MAX_BATCH={max_batch} (413 beyond)"}
     image = {
         "description": "28 rows of 28 pixel values, or 784 values row by row (0..255, light ink on dark).",
         "oneOf": [
@@ -73,10 +74,16 @@ def _schemas(max_batch: int) -> dict[str, Any]:
         "type": "object",
         "additionalProperties": {"type": ["string", "number", "boolean"]},
     }
+    number = {"type": "number"}
     tensor_data = {
         "type": "array",
-        "description": "Row-major values, flat or nested in the tensor's shape.",
-        "items": {"type": ["number", "array"]},
+        "description": "Row-major values: flat, or nested in the tensor's shape ([N][784] or [N][28][28]).",
+        "items": {
+            "oneOf": [
+                number,
+                {"type": "array", "items": {"oneOf": [number, {"type": "array", "items": number}]}},
+            ]
+        },
     }
     metadata_tensor = {
         "type": "object",
@@ -128,7 +135,7 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                         "instances": {
                             "type": "array",
                             "minItems": 1,
-                            "maxItems": max_batch,
+                            "description": f"At most MAX_BATCH={max_batch} images (413 beyond).",
                             "items": _ref("Image"),
                         }
                     },
@@ -212,10 +219,20 @@ def _schemas(max_batch: int) -> dict[str, Any]:
                             "name": {"const": v2.INPUT_NAME},
                             "shape": {
                                 "description": "[N, 784] or [N, 28, 28]",
-                                "type": "array",
-                                "minItems": 2,
-                                "maxItems": 3,
-                                "items": {"type": "integer", "minimum": 0},
+                                "oneOf": [
+                                    {
+                                        "type": "array",
+                                        "prefixItems": [batch, {"const": N_INPUTS}],
+                                        "minItems": 2,
+                                        "maxItems": 2,
+                                    },
+                                    {
+                                        "type": "array",
+                                        "prefixItems": [batch, {"const": IMAGE_SIDE}, {"const": IMAGE_SIDE}],
+                                        "minItems": 3,
+                                        "maxItems": 3,
+                                    },
+                                ],
                             },
                             "datatype": {"enum": sorted(v2.INPUT_DTYPES)},
                             "parameters": {
@@ -373,8 +390,11 @@ def _v2_model_paths(base: str, versioned: bool) -> dict[str, Any]:
                     "content": {
                         "application/json": {"schema": _ref("V2InferenceRequest")},
                         "application/octet-stream": {
-                            "schema": {"type": "string", "format": "binary"},
-                            "description": "JSON header followed by binary tensors.",
+                            "schema": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "The JSON request followed by its binary tensors.",
+                            }
                         },
                     },
                 },
@@ -455,8 +475,8 @@ def build_document(max_batch: int, max_content_length: int) -> dict[str, Any]:
                         "name": "version",
                         "in": "query",
                         "required": False,
-                        "description": "Pin a model version (default: the served one).",
-                        "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,9}$"},
+                        "description": "Pin a model version (default, or empty: the served one).",
+                        "schema": {"type": "string", "pattern": "^([1-9][0-9]{0,9})?$"},
                     },
                     {
                         "name": "preprocess",
@@ -477,10 +497,9 @@ def build_document(max_batch: int, max_content_length: int) -> dict[str, Any]:
                                 "required": ["image"],
                                 "properties": {
                                     "image": {
-                                        "description": "One file, or several for a batch.",
+                                        "description": f"One file, or up to {max_batch} (413 beyond).",
                                         "type": "array",
                                         "minItems": 1,
-                                        "maxItems": max_batch,
                                         "items": {"type": "string", "format": "binary"},
                                     }
                                 },
@@ -629,7 +648,7 @@ def build_document(max_batch: int, max_content_length: int) -> dict[str, Any]:
                     "name": "version",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string"},
+                    "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,9}$"},
                     "description": "A positive integer; anything else is a 400.",
                 },
             },

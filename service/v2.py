@@ -107,7 +107,7 @@ def _flag(params: dict[str, Any] | None, key: str, where: str) -> bool | None:
     return params[key]
 
 
-def _shape(tensor: dict, max_batch: int) -> tuple[int, ...]:
+def _shape(tensor: dict) -> tuple[int, ...]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise V2Error(400, "input shape must be a list of non-negative integers")
@@ -115,8 +115,6 @@ def _shape(tensor: dict, max_batch: int) -> tuple[int, ...]:
         raise V2Error(400, f"input shape must be [N, 784] or [N, 28, 28], got {shape}")
     if shape[0] < 1:
         raise V2Error(400, "input batch size N must be at least 1")
-    if shape[0] > max_batch:
-        raise V2Error(413, f"batch of {shape[0]} exceeds the maximum of {max_batch}")
     return tuple(shape)
 
 
@@ -196,7 +194,7 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch: int) 
     datatype = tensor.get("datatype")
     if datatype not in INPUT_DTYPES:
         raise V2Error(400, f"input datatype must be FP32 or UINT8, got {datatype!r}")
-    shape = _shape(tensor, max_batch)
+    shape = _shape(tensor)
     tensor_params = _parameters(tensor, "input")
     if tensor_params and "binary_data_size" in tensor_params:
         size = tensor_params["binary_data_size"]
@@ -214,6 +212,9 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch: int) 
         raise V2Error(400, "input has neither data nor binary_data_size")
     if raw:
         raise V2Error(400, f"{len(raw)} bytes after the JSON header belong to no input")
+    # Checked once the tensor is known to be well formed: a malformed request is a 400 whatever its N.
+    if shape[0] > max_batch:
+        raise V2Error(413, f"batch of {shape[0]} exceeds the maximum of {max_batch}")
     x = to_network_input(arr, datatype)
 
     default_binary = bool(_flag(params, "binary_data_output", "request"))
