@@ -89,7 +89,7 @@ def _to_gray(img: Image.Image) -> np.ndarray:
         img.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
     mode = img.mode
     if mode in _WIDE_MODES:
-        a = np.asarray(img, dtype=np.float32)
+        a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=65535.0, neginf=0.0)
         if sixteen_bit or (mode == "I" and a.max(initial=0) > 255):
             a = a / 257.0  # 16-bit range -> 8-bit
         return np.clip(np.rint(a), 0, 255).astype(np.uint8)
