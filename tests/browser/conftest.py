@@ -1,0 +1,67 @@
+"""Headless Debian Chromium driven by playwright, against a real gunicorn serving the shipped model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.service.extras.helpers import ROOT, Gunicorn
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# Never a downloaded browser, and nothing that phones home from CI.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = ROOT / "artifacts" / "browser"
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def served_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the shipped models/mnist/1: the best model for hand-drawn digits, isolated from the repo."""
+    shipped = ROOT / "models" / "mnist" / "1"
+    if not (shipped / "model.json").exists():
+        pytest.fail("models/mnist/1 is missing: the page is tested with the shipped model")
+    root = tmp_path_factory.mktemp("browser-models")
+    shutil.copytree(shipped, root / "mnist" / "1")
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(served_models: Path) -> Iterator[Gunicorn]:
+    g = Gunicorn(served_models, workers=2)
+    try:
+        g.wait_ready()
+        yield g
+    finally:
+        g.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
