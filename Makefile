@@ -75,17 +75,23 @@ bench-serve: venv ## serving throughput: /predict vs /healthz on one gunicorn
 
 bench: bench-train bench-serve ## all benchmarks
 
-up: ## docker compose up (builds the api image)
+up: ## build and start the api in Docker on PORT (waits until healthy)
 	docker compose up -d --build --wait
 
 down: ## stop and remove the containers
-	docker compose down -v
+	docker compose --profile train down -v --remove-orphans
 
 logs: ## follow the api's logs
 	docker compose logs -f api
 
-train-docker: ## run the trainer container (PRESET=, EPOCHS= as for make train)
-	docker compose --profile train run --rm trainer train --preset $(PRESET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
+train-docker: ## train in the trainer container; the running api serves the new version live (PRESET=, EPOCHS=, ...)
+	@if [ -d "$(MNIST_FILES)" ]; then $(MAKE) --no-print-directory data; fi
+	mkdir -p $(DATA_DIR)
+	HOST_UID=$$(id -u) HOST_GID=$$(id -g) DATA_DIR=$(abspath $(DATA_DIR)) \
+	docker compose --profile train run --rm trainer train --preset $(PRESET) \
+		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
+		$(if $(LR),--lr $(LR)) $(if $(SEED),--seed $(SEED)) $(if $(SIZES),--sizes $(SIZES)) \
+		$(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) $(TRAIN_ARGS)
 
 clean: ## remove caches (keeps the venv, data and models)
 	rm -rf .pytest_cache .ruff_cache .hypothesis artifacts

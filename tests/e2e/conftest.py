@@ -24,7 +24,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,8 +49,8 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     rows = config.stash.get(TIMINGS, [])
     if rows:
         terminalreporter.section("e2e step timings")
-        for name, seconds in rows:
-            terminalreporter.write_line(f"{seconds:8.1f} s  {name}")
+        for row in rows:
+            terminalreporter.write_line(row)
 
 
 @dataclass
@@ -58,7 +58,6 @@ class Timer:
     """Records and prints (live, despite output capture) how long each step took."""
 
     config: pytest.Config
-    rows: list = field(default_factory=list)
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -67,10 +66,18 @@ class Timer:
             yield
         finally:
             seconds = time.monotonic() - t0
-            self.config.stash[TIMINGS].append((name, seconds))
-            reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-            if reporter is not None:
-                reporter.write_line(f"[e2e] {name}: {seconds:.1f} s")
+            self.config.stash[TIMINGS].append(f"{seconds:8.1f} s  {name}")
+            self._say(f"[e2e] {name}: {seconds:.1f} s")
+
+    def note(self, text: str) -> None:
+        """A measured fact worth seeing in the summary (counts, rates)."""
+        self.config.stash[TIMINGS].append(f"          {text}")
+        self._say(f"[e2e] {text}")
+
+    def _say(self, line: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(line)
 
 
 @dataclass

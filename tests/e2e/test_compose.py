@@ -151,7 +151,7 @@ def test_predictions_match_offline_evaluation(stack: Stack, test_set, timer: Tim
     np.testing.assert_array_equal(digits, expected.argmax(axis=1))
     np.testing.assert_allclose(served, expected, atol=1e-5)
     accuracy = float(np.mean(digits == labels))
-    print(f"accuracy of version 1 through the container on {N_IMAGES} test images: {accuracy:.4f}")
+    timer.note(f"accuracy of version 1 through the container on {N_IMAGES} test images: {accuracy:.4f}")
     assert accuracy > 0.98
 
 
@@ -226,7 +226,7 @@ def test_trainer_container_publishes_a_version_served_live(stack: Stack, test_se
     late_old = [o for o in client.outcomes if o[0] > settled and o[2] != new]
     assert not late_old, f"answers from version {old} after every worker should have switched: {late_old[:5]}"
     assert started(stack) == before, "the api container restarted"
-    print(
+    timer.note(
         f"{len(client.outcomes)} requests during training and switch, 0 failed; version {new} served "
         f"{switched - published:.1f} s after the trainer exited (poll interval {stack.poll_seconds} s)"
     )
@@ -263,7 +263,7 @@ def test_restart_under_load_refuses_connections_but_never_answers_5xx(stack: Sta
     assert {o[1] for o in errors} <= {"ConnectionError"}, errors[:5]
     assert all(t0 <= o[0] <= back for o in errors), "connection errors outside the restart window"
     assert client.outcomes[-1][1] == 200 and client.outcomes[-1][2] == version
-    print(
+    timer.note(
         f"restart under load: {statuses.count(200)} answered 200, {len(errors)} connection errors "
         f"in a {back - t0:.1f} s window, no 5xx"
     )
