@@ -29,6 +29,7 @@ from tests.e2e.conftest import HEALTHY_WITHIN, Stack, Timer
 
 N_IMAGES = 1000  # the issue asks for at least 500
 MAX_CONTENT_LENGTH = 4 * 1024 * 1024  # the service's default (service/app.py)
+SWITCH_MARGIN = 2.0  # seconds beyond the poll interval for a worker to validate and swap
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -87,7 +88,7 @@ class Looper:
     url: str
     body: bytes
     pause: float = 0.05
-    outcomes: list = field(default_factory=list)  # (time, status | exception name, version | None)
+    outcomes: list = field(default_factory=list)  # (wall time, status | exception name, version | None)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -103,7 +104,7 @@ class Looper:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            t = time.monotonic()
+            t = time.time()  # wall clock: compared with file mtimes
             try:
                 r = post_png(self.url, self.body, timeout=30)
                 version = r.json().get("model", {}).get("version") if r.status_code == 200 else None
@@ -203,32 +204,31 @@ def test_trainer_container_publishes_a_version_served_live(stack: Stack, test_se
                 "train", "--preset", "best", "--epochs", "1",
                 timeout=1200,
             )  # fmt: skip
-        published = time.monotonic()
         new = old + 1
         version_dir = stack.repo / "models" / "mnist" / str(new)
         assert version_dir.is_dir(), f"the trainer did not publish version {new}\n{run.stdout[-3000:]}"
-
-        with timer.step("new version served (after the trainer exited)"):
-            deadline = published + stack.poll_seconds + 10
-            while served_version(stack) != new and time.monotonic() < deadline:
+        # Publishing renames the finished folder into models/mnist/: that is the parent's mtime.
+        published = version_dir.parent.stat().st_mtime
+        # Each worker rescans every poll interval, then validates the version (well under a second).
+        deadline = published + stack.poll_seconds + SWITCH_MARGIN
+        with timer.step("wait for /readyz to report the new version"):
+            while served_version(stack) != new and time.time() < deadline + 10:
                 time.sleep(0.2)
-        assert served_version(stack) == new, f"version {new} not served within the poll interval"
-        switched = time.monotonic()
-        # Every worker polls on its own; give them all one more interval, then every answer must be new.
-        time.sleep(stack.poll_seconds + 1)
-        settled = time.monotonic()
-        time.sleep(1)
+        time.sleep(max(0.0, deadline - time.time()) + 2)  # answers after the deadline must all be new
 
     status = requests.get(f"{stack.url}/models", timeout=10).json()
-    assert str(new) in json.dumps(status), status
+    assert status["serving"] == new, status
+    assert new in [v["version"] for v in status["versions"]], status
     failures = [o for o in client.outcomes if o[1] != 200]
     assert not failures, f"{len(failures)} failed requests during the switch: {failures[:5]}"
-    late_old = [o for o in client.outcomes if o[0] > settled and o[2] != new]
-    assert not late_old, f"answers from version {old} after every worker should have switched: {late_old[:5]}"
+    late_old = [o for o in client.outcomes if o[0] > deadline and o[2] != new]
+    assert not late_old, f"answers from version {old} after the poll interval: {late_old[:5]}"
+    first_new = min(o[0] for o in client.outcomes if o[2] == new)
     assert started(stack) == before, "the api container restarted"
     timer.note(
-        f"{len(client.outcomes)} requests during training and switch, 0 failed; version {new} served "
-        f"{switched - published:.1f} s after the trainer exited (poll interval {stack.poll_seconds} s)"
+        f"{len(client.outcomes)} requests while training and switching, 0 failed; first answer from "
+        f"version {new} {first_new - published:.1f} s after it was published (poll interval "
+        f"{stack.poll_seconds} s), same container"
     )
 
     # The files belong to the host user and the api's non-root user can read them.
@@ -243,12 +243,12 @@ def test_restart_under_load_refuses_connections_but_never_answers_5xx(stack: Sta
     version = served_version(stack)
     with Looper(stack.url, png(test_set[0][0]), pause=0.02) as client:
         client.wait_for(5)
-        t0 = time.monotonic()
+        t0 = time.time()
         with timer.step("docker compose restart api"):
             stack.compose("restart", "api", timeout=120)
         with timer.step("restart -> healthy"):
             stack.wait_healthy(HEALTHY_WITHIN)
-        back = time.monotonic()
+        back = time.time()
         n = len(client.outcomes)
         client.wait_for(n + 5)
 
