@@ -220,7 +220,7 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...,
             try:
                 if requests.get(server.url + path, timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
                 raise AssertionError(f"gunicorn not ready after 30s:\n{server.logs()[-3000:]}")
