@@ -152,6 +152,8 @@ def test_predictions_match_offline_evaluation(stack: Stack, test_set, timer: Tim
     np.testing.assert_array_equal(digits, expected.argmax(axis=1))
     np.testing.assert_allclose(served, expected, atol=1e-5)
     accuracy = float(np.mean(digits == labels))
+    page = requests.get(f"{stack.url}/", timeout=10)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
     timer.note(f"accuracy of version 1 through the container on {N_IMAGES} test images: {accuracy:.4f}")
     assert accuracy > 0.98
 
@@ -200,7 +202,7 @@ def test_trainer_container_publishes_a_version_served_live(stack: Stack, test_se
         client.wait_for(5)
         with timer.step("trainer container: train --epochs 1 on the full data"):
             run = stack.compose(
-                "--profile", "train", "run", "--rm", "-T", "trainer",
+                "--profile", "train", "run", "--rm", "-T", "-e", "TQDM_DISABLE=1", "trainer",
                 "train", "--preset", "best", "--epochs", "1",
                 timeout=1200,
             )  # fmt: skip
