@@ -43,7 +43,7 @@ class Config:
     validation_size: int = 10_000
     train_limit: int | None = None
     seed: int = 0
-    dtype: str = "float64"
+    dtype: str = "float32"
 
     @property
     def activations(self) -> tuple[str, ...]:
