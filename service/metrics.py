@@ -146,19 +146,33 @@ def init_app(app: Flask) -> None:
     def _start() -> None:
         g.metrics_t0 = time.perf_counter()
 
+    # Label children cached per key: .labels() takes a lock and builds tuples on every call.
+    request_children: dict[tuple[str, str, int], tuple] = {}
+
     @app.after_request
     def _count(response: Response) -> Response:
         rule = request.url_rule
         endpoint = rule.rule if rule is not None else UNMATCHED
-        metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        key = (endpoint, request.method, response.status_code)
+        children = request_children.get(key)
+        if children is None:
+            children = (
+                metrics.requests.labels(endpoint, request.method, str(response.status_code)),
+                metrics.latency.labels(endpoint),
+            )
+            request_children[key] = children
+        children[0].inc()
         t0 = g.get("metrics_t0")
         if t0 is not None:
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            children[1].observe(time.perf_counter() - t0)
         digits = g.get("predicted_digits")
         if digits is not None and response.status_code == 200:
-            for digit, n in enumerate(np.bincount(np.asarray(digits, dtype=np.int64), minlength=10)):
-                if n:
-                    metrics.predictions.labels(str(digit)).inc(int(n))
+            if len(digits) == 1:
+                metrics.predictions.labels(str(int(digits[0]))).inc()
+            else:
+                for digit, n in enumerate(np.bincount(np.asarray(digits, dtype=np.int64), minlength=10)):
+                    if n:
+                        metrics.predictions.labels(str(digit)).inc(int(n))
         return response
 
     @app.get("/metrics")

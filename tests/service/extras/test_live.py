@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,7 +15,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from core.preprocess import to_vectors
-from tests.service.extras.helpers import png_bytes
+from tests.service.extras.helpers import Gunicorn, png_bytes, publish, train_quickly
 
 N_IMAGES = 64
 
@@ -188,3 +190,55 @@ def test_every_line_on_stdout_is_json(server):
     health = [d for d in docs if d.get("logger") == "access" and d.get("path") == "/healthz"]
     # An unsafe client id is replaced by a generated one, not echoed into logs and headers.
     assert health and re.fullmatch(r"[0-9a-f]{32}", health[-1]["request_id"])
+
+
+def test_reloads_and_rejections_are_counted_in_every_worker(tmp_path, models_dir, mnist):
+    """A new version moves the gauge and the reload counter; a tampered one the rejection counter."""
+    root = tmp_path / "models"
+    shutil.copytree(models_dir, root)
+    g = Gunicorn(root, workers=2)
+    try:
+        g.wait_ready()
+        # Each worker starts polling on its first request: make sure both have served one.
+        pids: set[int] = set()
+        deadline = time.monotonic() + 20
+        while len(pids) < 2 and time.monotonic() < deadline:
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda _: requests.get(g.url + "/healthz", timeout=5), range(8)))
+            pids = {
+                json.loads(line)["pid"]
+                for line in g.lines()
+                if '"logger": "access"' in line and '"/healthz"' in line
+            }
+        assert len(pids) == 2
+
+        net = train_quickly(mnist["train_images"][:2000], mnist["train_labels"][:2000])
+        assert publish(root, net, 0.5) == 2
+        text = wait_for(g.url, lambda t: sample(t, "mnist_model_reloads_total", model="mnist") == 2)
+        assert gauge_values(text) == [2.0, 2.0]  # one series per live worker, both on v2
+
+        # A tampered version: complete on disk, but its weights do not match model.json.
+        tmp = root / "mnist" / ".tmp-tampered"
+        shutil.copytree(root / "mnist" / "2", tmp)
+        (tmp / "weights.npz").write_bytes(b"not the weights")
+        tmp.rename(root / "mnist" / "3")
+        text = wait_for(g.url, lambda t: sample(t, "mnist_model_rejected_versions_total", model="mnist") == 2)
+        assert gauge_values(text) == [2.0, 2.0]
+        assert sample(text, "mnist_model_reloads_total", model="mnist") == 2
+    finally:
+        g.stop()
+
+
+def gauge_values(text: str) -> list[float]:
+    return sorted(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("mnist_model_version{")
+    )
+
+
+def wait_for(url: str, condition, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = scrape(url)
+        if condition(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.3)
