@@ -4,8 +4,8 @@ Environment (default):
 
     PORT                      8000       bind 0.0.0.0:$PORT
     WEB_CONCURRENCY           2          worker processes (one per core)
-    GUNICORN_WORKER_CLASS     sync       sync measured fastest here (docs/service.md)
-    GUNICORN_THREADS          1          threads per worker for the gthread class
+    GUNICORN_WORKER_CLASS     gthread    measured against sync in docs/service.md; keeps connections alive
+    GUNICORN_THREADS          4          threads per gthread worker (slow clients do not block a worker)
     GUNICORN_TIMEOUT          30         seconds before a stuck worker is killed and replaced
     GUNICORN_GRACEFUL_TIMEOUT 20         seconds in-flight requests get on TERM / HUP
     GUNICORN_KEEPALIVE        5          seconds an idle keep-alive connection stays open
@@ -39,8 +39,8 @@ def _tmp_base() -> str | None:
 wsgi_app = "service.wsgi:app"
 bind = [f"0.0.0.0:{os.environ.get('PORT', '8000')}"]
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
-threads = int(os.environ.get("GUNICORN_THREADS", "1"))
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
 graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "20"))
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))

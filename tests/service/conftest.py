@@ -184,34 +184,30 @@ def stop(proc: subprocess.Popen, timeout: float = 15) -> int:
     return proc.returncode
 
 
-@pytest.fixture
-def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
-    """Factory: start `gunicorn -c gunicorn.conf.py service.wsgi:app` with env overrides,
-    wait for /readyz, and always terminate it at the end of the test."""
-    started: list[subprocess.Popen] = []
-
-    def start(models_dir: Path, ready: bool = True, **env: str) -> Server:
-        port = free_port()
-        log = tmp_path_factory.mktemp("gunicorn") / "server.log"
-        full_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        full_env.update(
-            PORT=str(port),
-            MODELS_DIR=str(models_dir),
-            WEB_CONCURRENCY="2",
-            MODEL_POLL_SECONDS="0.5",
-            PYTHONUNBUFFERED="1",
+def start_gunicorn(models_dir: Path, log_dir: Path, ready: bool = True, **env: str) -> Server:
+    """Start `gunicorn -c gunicorn.conf.py service.wsgi:app` on a free port and wait for /readyz
+    (or /healthz) and its workers. The caller must `stop(server.proc)`."""
+    port = free_port()
+    log = log_dir / "server.log"
+    full_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    full_env.update(
+        PORT=str(port),
+        MODELS_DIR=str(models_dir),
+        WEB_CONCURRENCY="2",
+        MODEL_POLL_SECONDS="0.5",
+        PYTHONUNBUFFERED="1",
+    )
+    full_env.update(env)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "service.wsgi:app"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
-        full_env.update(env)
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "service.wsgi:app"],
-                cwd=ROOT,
-                env=full_env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        started.append(proc)
-        server = Server(proc, f"http://127.0.0.1:{port}", log)
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    try:
         deadline = time.monotonic() + 30
         path = "/readyz" if ready else "/healthz"
         while True:
@@ -226,6 +222,20 @@ def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[...,
                 raise AssertionError(f"gunicorn not ready after 30s:\n{server.logs()[-3000:]}")
             time.sleep(0.1)
         server.wait_workers(int(full_env["WEB_CONCURRENCY"]))
+    except BaseException:
+        stop(proc)
+        raise
+    return server
+
+
+@pytest.fixture
+def gunicorn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Server]]:
+    """Factory: start_gunicorn with env overrides; every server is terminated after the test."""
+    started: list[subprocess.Popen] = []
+
+    def start(models_dir: Path, ready: bool = True, **env: str) -> Server:
+        server = start_gunicorn(models_dir, tmp_path_factory.mktemp("gunicorn"), ready, **env)
+        started.append(server.proc)
         return server
 
     yield start
