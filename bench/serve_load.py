@@ -31,8 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import requests
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # as in the workers
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -66,9 +69,15 @@ def sample_digit(data_dir: Path) -> np.ndarray:
     return digits
 
 
-def model_dir(requested: str | None, workdir: Path) -> tuple[Path, str]:
+def model_dir(requested: str | None, workdir: Path, hidden: int | None = None) -> tuple[Path, str]:
     if requested:
         return Path(requested), f"{requested} (given)"
+    if hidden:
+        net = network.new_network(
+            [784, hidden, 10], ["relu", "softmax"], "cross_entropy", np.random.default_rng(0)
+        )
+        modelstore.publish(workdir / "models", "mnist", net, {"note": "random weights for the benchmark"})
+        return workdir / "models", f"random-weight [784, {hidden}, 10] (--hidden)"
     default = ROOT / "models"
     for v in reversed(modelstore.list_versions(default, "mnist")):
         try:
@@ -100,10 +109,36 @@ def wrk(url: str, script: Path | None, connections: int, duration: float) -> dic
     return result
 
 
+def breakdown(models: Path, png: bytes) -> str:
+    """Microseconds for decode+normalise, the forward pass and the JSON body, in this process."""
+    import timeit
+
+    from core.network import probabilities
+    from core.preprocess import to_vectors
+    from service import imaging
+    from service.inference import prediction
+
+    version = modelstore.list_versions(models, "mnist")[-1]
+    net = modelstore.load(models, "mnist", version).net
+    image = imaging.to_mnist(imaging.decode(png, 16_000_000))
+    x = to_vectors(image[None])
+    p = probabilities(net, x)
+    steps = {
+        "decode": lambda: imaging.to_mnist(imaging.decode(png, 16_000_000)),
+        "forward": lambda: probabilities(net, to_vectors(image[None])),
+        "json": lambda: json.dumps({**prediction(int(p[0].argmax()), p[0]), "model": {"name": "mnist"}}),
+    }
+    times = {
+        k: statistics.median(timeit.repeat(f, number=200, repeat=5)) / 200 * 1e6 for k, f in steps.items()
+    }
+    return ", ".join(f"{k} {v:.0f} us" for k, v in times.items())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models-dir", help="model repository (default: ./models, else a temp random model)")
     parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", str(ROOT / "data")))
+    parser.add_argument("--hidden", type=int, help="serve a random 784-HIDDEN-10 network instead")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=5)
@@ -118,7 +153,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     server = None
     try:
-        models, model_desc = model_dir(args.models_dir, work)
+        models, model_desc = model_dir(args.models_dir, work, args.hidden)
         digits = sample_digit(Path(args.data_dir))
         from PIL import Image  # only the benchmark's own PNG
 
@@ -164,6 +199,7 @@ def main() -> int:
         assert r.status_code == 200, r.text
 
         print(f"model: {model_desc}")
+        print(f"/predict's own steps in-process (hot cache): {breakdown(models, png.read_bytes())}")
         print(
             f"server: gunicorn, {args.workers} {args.worker_class} workers"
             f"{f' x {args.threads} threads' if args.worker_class == 'gthread' else ''}; "

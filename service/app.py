@@ -16,7 +16,6 @@ Configuration (environment variable, default):
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -83,11 +82,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     cfg.update(config or {})
     app.config.update(_checked(cfg))
     # A multipart batch has one part per image (Flask's default allows 1000 parts).
-    app.config.setdefault("MAX_FORM_PARTS", app.config["MAX_BATCH"] + 16)
-    app.config["MAX_FORM_PARTS"] = max(app.config["MAX_FORM_PARTS"], app.config["MAX_BATCH"] + 16)
+    app.config["MAX_FORM_PARTS"] = max(app.config.get("MAX_FORM_PARTS") or 0, app.config["MAX_BATCH"] + 16)
     app.config["MAX_FORM_MEMORY_SIZE"] = app.config["MAX_CONTENT_LENGTH"]
-    if not app.logger.handlers or app.logger.level == logging.NOTSET:
-        app.logger.setLevel(logging.INFO)
 
     manager = ModelManager(
         app.config["MODELS_DIR"],
