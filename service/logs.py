@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 
 from flask import Flask, Response, g, has_request_context, request
@@ -119,10 +120,46 @@ def request_id_from(header: str | None) -> str:
     return secrets.token_hex(16)
 
 
+class AccessLog:
+    """One access line per request, written straight to stdout.
+
+    It is the one line every request pays for, so it skips the logging
+    module's records, handler chain and locks (about 5x the cost of the line
+    itself) and writes the same JSON shape JsonFormatter produces, under a lock
+    so threads never interleave lines.
+    """
+
+    def __init__(self, stream=None, text: bool = False) -> None:
+        self.stream = stream
+        self.text = text
+        self._lock = threading.Lock()
+
+    def write(self, method: str, path: str, status: int, fields: dict) -> None:
+        now = time.time()
+        if self.text:
+            line = (
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO [{os.getpid()}] access: {method} {path} {status}"
+            )
+        else:
+            doc = {
+                "ts": _timestamp(now),
+                "level": "INFO",
+                "logger": "access",
+                "message": f"{method} {path} {status}",
+                "pid": os.getpid(),
+                **fields,
+            }
+            line = json.dumps(doc, default=str)
+        stream = self.stream or sys.stdout
+        with self._lock:
+            stream.write(line + "\n")
+            stream.flush()
+
+
 def init_app(app: Flask) -> None:
     """Tag requests with an id, echo it, and write one access line per request."""
     configure_logging()
-    access = logging.getLogger("access")
+    access = AccessLog(text=os.environ.get("LOG_FORMAT", "json").lower() == "text")
     access_on = os.environ.get("ACCESS_LOG", "1") != "0"
 
     @app.before_request
@@ -132,23 +169,21 @@ def init_app(app: Flask) -> None:
 
     @app.after_request
     def _finish(response: Response) -> Response:
-        rid = g.get("request_id") or request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        ctx_g = g._get_current_object()  # one proxy lookup, not one per attribute
+        rid = getattr(ctx_g, "request_id", None) or request_id_from(request.headers.get(REQUEST_ID_HEADER))
         response.headers[REQUEST_ID_HEADER] = rid
-        if access_on and access.isEnabledFor(logging.INFO):
-            t0 = g.get("log_t0")
+        if access_on:
+            req = request._get_current_object()
+            t0 = getattr(ctx_g, "log_t0", None)
+            status = response.status_code
             fields = {
                 "request_id": rid,
-                "method": request.method,
-                "path": request.path,
-                "status": response.status_code,
+                "method": req.method,
+                "path": req.path,
+                "status": status,
                 "duration_ms": round((time.perf_counter() - t0) * 1000, 3) if t0 else None,
                 "bytes": response.calculate_content_length(),
-                "remote": request.remote_addr,
+                "remote": req.remote_addr,
             }
-            message = f"{request.method} {request.path} {response.status_code}"
-            # makeRecord + handle, not access.info(): skips the caller lookup (a stack walk)
-            # that an access line, always from here, does not need.
-            record = access.makeRecord(access.name, logging.INFO, __file__, 0, message, (), None)
-            record.fields = fields
-            access.handle(record)
+            access.write(req.method, req.path, status, fields)
         return response

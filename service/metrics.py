@@ -151,21 +151,22 @@ def init_app(app: Flask) -> None:
 
     @app.after_request
     def _count(response: Response) -> Response:
-        rule = request.url_rule
+        req, ctx_g = request._get_current_object(), g._get_current_object()  # one proxy lookup each
+        rule = req.url_rule
         endpoint = rule.rule if rule is not None else UNMATCHED
-        key = (endpoint, request.method, response.status_code)
+        key = (endpoint, req.method, response.status_code)
         children = request_children.get(key)
         if children is None:
             children = (
-                metrics.requests.labels(endpoint, request.method, str(response.status_code)),
+                metrics.requests.labels(endpoint, req.method, str(response.status_code)),
                 metrics.latency.labels(endpoint),
             )
             request_children[key] = children
         children[0].inc()
-        t0 = g.get("metrics_t0")
+        t0 = getattr(ctx_g, "metrics_t0", None)
         if t0 is not None:
             children[1].observe(time.perf_counter() - t0)
-        digits = g.get("predicted_digits")
+        digits = getattr(ctx_g, "predicted_digits", None)
         if digits is not None and response.status_code == 200:
             if len(digits) == 1:
                 metrics.predictions.labels(str(int(digits[0]))).inc()
