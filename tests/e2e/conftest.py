@@ -194,6 +194,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, timer: Timer) -> Iterator[St
         for k, v in os.environ.items()
         # the developer's shell must not configure the newcomer's stack
         if k not in ("MODEL_NAME", "MODEL_VERSION", "MODELS_DIR", "DATA_DIR", "WEB_CONCURRENCY")
+        and not k.startswith("COMPOSE_")
     }
     port = free_port()
     env.update(
