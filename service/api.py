@@ -56,8 +56,10 @@ def models() -> Response:
 
 @bp.post("/predict")
 def predict() -> Response:
-    version = _version_arg()
-    preprocess = _preprocess_arg()
+    if request.query_string:
+        version, preprocess = _version_arg(), _preprocess_arg()
+    else:  # the common case skips parsing the query string
+        version, preprocess = None, True
     model = _manager().get(version)
     images, batch = _read_images(preprocess)
     digits, probs = classify(model, images)
