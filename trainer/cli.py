@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.models_dir,
                 args.name,
                 publish=not args.no_publish,
-                progress=not args.no_progress,
+                progress=not args.no_progress and os.environ.get("TQDM_DISABLE", "") in ("", "0"),
             )
         else:
             from core.modelstore import parse_version

@@ -98,3 +98,14 @@ def test_train_publishes_and_evaluate_rescores(data_dir, tmp_path, capsys):
     assert "sha256" in capsys.readouterr().err
     assert main(["evaluate", "--version", "2", *common]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+def test_only_data_loading_imports_torch():
+    """The service shares core/ and must stay torch-free; in the trainer only load_mnist pulls torch in."""
+    code = (
+        "import sys, trainer.cli, trainer.run, trainer.train, trainer.sgd, trainer.evaluate, trainer.report, "
+        "trainer.data, core.network, core.modelstore; print('torch' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
