@@ -16,11 +16,12 @@ Configuration (environment variable, default):
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
-from flask import Flask
+from flask import Flask, Request
 
 from core.modelstore import parse_version
 from service import api, errors
@@ -75,9 +76,18 @@ def _checked(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+class InMemoryRequest(Request):
+    """Uploaded files stay in memory (the body is bounded by MAX_CONTENT_LENGTH): werkzeug would
+    spool files over 500 kB to a temp file, and the container's root filesystem is read-only."""
+
+    def _get_file_stream(self, *args: Any, **kwargs: Any) -> IO[bytes]:
+        return io.BytesIO()
+
+
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """A ready Flask app: the first repository scan is done before it is returned."""
     app = Flask(__name__)
+    app.request_class = InMemoryRequest
     cfg = load_config()
     cfg.update(config or {})
     app.config.update(_checked(cfg))

@@ -344,3 +344,20 @@ def test_unexpected_exception_is_generic_json_500(models_dir, caplog):
     assert "secret" not in r.get_data(as_text=True) and "Traceback" not in r.get_data(as_text=True)
     assert "secret detail" in caplog.text  # logged for us, not shown to the client
     assert body["error"]["message"] == "internal server error"
+
+
+def test_large_multipart_upload_stays_in_memory(client, monkeypatch):
+    """werkzeug spools uploads over 500 kB to a temp file; the container's rootfs is read-only."""
+    import tempfile
+
+    def no_temp_files(*args, **kwargs):
+        raise AssertionError("an upload went to a temp file")
+
+    for name in ("TemporaryFile", "SpooledTemporaryFile", "NamedTemporaryFile"):
+        monkeypatch.setattr(tempfile, name, no_temp_files)
+    big = np.random.default_rng(0).integers(0, 256, (1100, 1100), dtype=np.uint8)
+    data = png_bytes(big)
+    assert 500_000 < len(data) < 4 << 20
+    r = client.post("/predict", data={"image": (io.BytesIO(data), "big.png")})
+    assert r.status_code == 200
+    assert_prediction(r.get_json())
