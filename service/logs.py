@@ -74,6 +74,7 @@ def make_formatter(fmt: str | None = None) -> logging.Formatter:
 
 def configure_logging() -> None:
     """Send the root logger to stdout through the chosen formatter, once per process."""
+    logging.captureWarnings(True)  # Python warnings as JSON lines too, not bare stderr text
     root = logging.getLogger()
     if any(h.get_name() == _HANDLER_NAME for h in root.handlers):
         return

@@ -383,7 +383,14 @@ def _v2_model_paths(base: str, versioned: bool) -> dict[str, Any]:
                         "required": False,
                         "description": "Length of the JSON header when binary tensors follow it.",
                         "schema": {"type": "integer", "minimum": 1},
-                    }
+                    },
+                    {
+                        "name": "Content-Encoding",
+                        "in": "header",
+                        "required": False,
+                        "description": "gzip or deflate: tritonclient's request_compression_algorithm.",
+                        "schema": {"enum": ["gzip", "deflate", "identity"]},
+                    },
                 ],
                 "requestBody": {
                     "required": True,
@@ -405,7 +412,8 @@ def _v2_model_paths(base: str, versioned: bool) -> dict[str, Any]:
                         {
                             400: "Malformed request, tensor or version.",
                             404: "Unknown model or version.",
-                            413: "Body over MAX_CONTENT_LENGTH or batch over MAX_BATCH.",
+                            413: "Body (decompressed) over MAX_CONTENT_LENGTH, or batch over MAX_BATCH.",
+                            415: "Unsupported Content-Encoding.",
                             503: "No version of the model is loaded.",
                         },
                     ),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,6 +275,29 @@ def encode_response(
     return header + b"".join(blobs), len(header)
 
 
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as sent with tritonclient's request_compression_algorithm (gzip or deflate).
+
+    Decompression stops at `limit` bytes, the same cap as an uncompressed body,
+    so a small compressed bomb cannot expand in memory.
+    """
+    encoding = (encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise V2Error(415, f"Content-Encoding {encoding!r} is not supported: use gzip, deflate or none")
+    d = zlib.decompressobj(wbits=zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise V2Error(400, f"the body is not valid {encoding} data: {e}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise V2Error(413, f"the decompressed body exceeds {limit} bytes")
+    if not d.eof:
+        raise V2Error(400, f"the {encoding} body is truncated")
+    return out
+
+
 def model_metadata(name: str, versions: list[int]) -> dict[str, Any]:
     return {
         "name": name,
@@ -422,7 +446,8 @@ def model_ready(name: str, version: str | None = None) -> Response:
 @bp.post("/models/<name>/versions/<version>/infer")
 def infer_view(name: str, version: str | None = None) -> Response:
     model = _model(name, version)
-    body = request.get_data(cache=False)
+    limit = int(current_app.config.get("MAX_CONTENT_LENGTH") or 4 * 1024 * 1024)
+    body = decompress(request.get_data(cache=False), request.headers.get("Content-Encoding"), limit)
     max_batch = int(current_app.config.get("MAX_BATCH", 1024))
     req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), max_batch)
     results = infer(model, req.x)

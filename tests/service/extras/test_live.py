@@ -242,3 +242,11 @@ def wait_for(url: str, condition, timeout: float = 20.0) -> str:
         if condition(text) or time.monotonic() > deadline:
             return text
         time.sleep(0.3)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_compressed_requests(triton, images, predict_digits, algorithm):
+    inp = httpclient.InferInput("input", [N_IMAGES, 28, 28], "UINT8")
+    inp.set_data_from_numpy(np.ascontiguousarray(images), binary_data=True)
+    result = triton.infer("mnist", [inp], request_compression_algorithm=algorithm)
+    assert result.as_numpy("digit").tolist() == predict_digits

@@ -285,3 +285,21 @@ def test_not_ready_is_a_4xx(tmp_path):
     r = empty.post("/v2/models/mnist/infer", json=request_doc(data=[0] * 784))
     assert r.status_code == 503 and isinstance(r.get_json()["error"], str)
     assert empty.get("/v2/health/live").status_code == 200
+
+
+def test_decompress_is_bounded():
+    import gzip
+    import zlib
+
+    assert v2.decompress(gzip.compress(b"abc"), "gzip", 10) == b"abc"
+    assert v2.decompress(zlib.compress(b"abc"), "deflate", 10) == b"abc"
+    assert v2.decompress(b"abc", None, 10) == b"abc"
+    for body, encoding, status in [
+        (gzip.compress(b"\0" * 1_000_000), "gzip", 413),  # a 1 KB bomb against a 1000-byte limit
+        (b"not gzip", "gzip", 400),
+        (gzip.compress(b"abc")[:-6], "gzip", 400),
+        (b"abc", "br", 415),
+    ]:
+        with pytest.raises(V2Error) as e:
+            v2.decompress(body, encoding, 1000)
+        assert e.value.status == status
