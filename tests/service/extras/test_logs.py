@@ -1,0 +1,75 @@
+"""Request ids and the JSON line formats, in process."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from service import logs
+
+
+def test_request_id_is_echoed_or_generated(client):
+    r = client.get("/healthz", headers={"X-Request-ID": "client-abc.1"})
+    assert r.headers["X-Request-ID"] == "client-abc.1"
+    generated = {client.get("/healthz").headers["X-Request-ID"] for _ in range(3)}
+    assert len(generated) == 3 and all(len(g) == 32 for g in generated)
+    for unsafe in ("has space", "x" * 129, "new\nline", 'quote"s'):
+        rid = logs.request_id_from(unsafe)
+        assert rid != unsafe and len(rid) == 32
+    # Errors carry it too.
+    assert client.get("/nope", headers={"X-Request-ID": "e-1"}).headers["X-Request-ID"] == "e-1"
+
+
+def test_app_lines_inside_a_request_carry_its_id(app):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    log = logging.getLogger("test.extras")
+    log.addHandler(handler)
+    try:
+
+        @app.get("/_log_probe")
+        def probe():
+            log.warning("inside %s", "request", extra={"fields": {"k": 1}})
+            try:
+                1 / 0  # noqa: B018
+            except ZeroDivisionError:
+                log.exception("failed")
+            return "ok"
+
+        app.test_client().get("/_log_probe", headers={"X-Request-ID": "probe-1"})
+    finally:
+        log.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "inside request" and first["request_id"] == "probe-1" and first["k"] == 1
+    assert first["level"] == "WARNING" and first["logger"] == "test.extras" and first["ts"].endswith("Z")
+    assert "ZeroDivisionError" in second["exception"]
+
+
+def test_access_line_shapes():
+    out = io.StringIO()
+    logs.AccessLog(out).write("GET", "/x", 200, {"request_id": "r", "status": 200})
+    doc = json.loads(out.getvalue())
+    assert doc["logger"] == "access" and doc["message"] == "GET /x 200" and doc["request_id"] == "r"
+    text = io.StringIO()
+    logs.AccessLog(text, text=True).write("GET", "/x", 404, {})
+    assert text.getvalue().rstrip().endswith("access: GET /x 404") and not text.getvalue().startswith("{")
+
+
+def test_gunicorn_logconfig_is_a_valid_dictconfig(monkeypatch):
+    import logging.config
+
+    monkeypatch.setenv("LOG_LEVEL", "WARNING")
+    cfg = logs.gunicorn_logconfig()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logging.config.dictConfig(cfg)
+        assert logging.getLogger("gunicorn.error").level == logging.WARNING
+        assert logging.getLogger("gunicorn.access").level == logging.CRITICAL  # the app writes access lines
+        assert [h.get_name() for h in root.handlers] == ["mnist-json-stdout"]
+        assert isinstance(root.handlers[0].formatter, logs.JsonFormatter)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
