@@ -244,7 +244,7 @@ json_values = st.recursive(
 )
 
 
-@settings(FUZZ, max_examples=80)
+@settings(FUZZ, max_examples=50)
 @given(
     doc=st.one_of(
         json_values,
