@@ -88,7 +88,7 @@ class Looper:
 
     url: str
     body: bytes
-    pause: float = 0.05
+    pause: float = 0.1
     outcomes: list = field(default_factory=list)  # (wall time, status | exception name, version | None)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
