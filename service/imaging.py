@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import functools
 import io
-import struct
-import zlib
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -59,10 +57,6 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
     """One 8-bit grayscale frame (H, W) of `data`, or ApiError 400 / 413."""
     if not data:
         raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
-    if len(data) <= FAST_PNG_MAX_BYTES:
-        pixels = decode_small_gray_png(data, min(FAST_PNG_MAX_PIXELS, max_pixels))
-        if pixels is not None:
-            return pixels
     try:
         img = Image.open(io.BytesIO(data), formats=_allowed_formats())
         w, h = img.size
@@ -84,98 +78,6 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
         raise ApiError(400, "invalid_image", "cannot identify an image in the request body") from None
     except Exception as e:  # any decoder failure on untrusted bytes is the client's error
         raise ApiError(400, "invalid_image", f"cannot decode the image: {type(e).__name__}: {e}") from None
-
-
-# The fast path: a small 8-bit grayscale PNG (what an MNIST digit is) decoded with zlib and numpy.
-# Pillow's generic machinery costs more than the whole forward pass for a 28×28 image; PNG is
-# lossless, so both decoders give the same pixels (tested). Anything unusual goes to Pillow.
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-FAST_PNG_MAX_PIXELS = 4096  # 64×64: the per-row loop of the Paeth/Average filters stays short
-FAST_PNG_MAX_BYTES = 16384
-
-
-def decode_small_gray_png(data: bytes, max_pixels: int = FAST_PNG_MAX_PIXELS) -> np.ndarray | None:
-    """Pixels (H, W) of a non-interlaced 8-bit grayscale PNG of at most `max_pixels`, or None
-    when the file is anything else (or damaged): the caller then uses Pillow, which decides."""
-    if not data.startswith(PNG_SIGNATURE):
-        return None
-    pos, size, chunks = len(PNG_SIGNATURE), None, []
-    while True:
-        if pos + 12 > len(data):
-            return None
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        end = pos + 12 + length
-        if end > len(data):
-            return None
-        body = data[pos + 8 : end - 4]
-        if zlib.crc32(body, zlib.crc32(kind)) != struct.unpack_from(">I", data, end - 4)[0]:
-            return None
-        if size is None:
-            if kind != b"IHDR" or length != 13:
-                return None
-            w, h, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", body)
-            if (depth, colour, compression, filtering, interlace) != (
-                8,
-                0,
-                0,
-                0,
-                0,
-            ) or not 0 < w * h <= max_pixels:
-                return None
-            size = (h, w)
-        elif kind == b"IDAT":
-            chunks.append(body)
-        elif kind == b"IEND":
-            break
-        elif kind == b"tRNS" or not kind[0] & 0x20:  # transparency, or a critical chunk we do not know
-            return None
-        pos = end
-    if size is None or not chunks:
-        return None
-    h, w = size
-    expected = h * (w + 1)
-    try:
-        inflater = zlib.decompressobj()
-        raw = inflater.decompress(b"".join(chunks), expected + 1)  # bounded: no zip bomb
-    except zlib.error:
-        return None
-    if len(raw) != expected:
-        return None
-    rows = np.frombuffer(raw, np.uint8).reshape(h, w + 1)
-    filters, pixels = rows[:, 0], rows[:, 1:]
-    if filters.max() > 4:
-        return None
-    # Rows filtered None (most of them) or Sub depend on no other row: all at once.
-    out = pixels.copy()
-    sub = filters == 1
-    if sub.any():
-        out[sub] = np.cumsum(pixels[sub], axis=1, dtype=np.uint8)  # modulo 256
-    # Up, Average and Paeth use the row above, final by then since rows go in order.
-    zeros = np.zeros(w, np.uint8)
-    kinds = filters.tolist()
-    for y in np.flatnonzero(filters >= 2).tolist():
-        prev = out[y - 1] if y else zeros
-        if kinds[y] == 2:
-            np.add(pixels[y], prev, out=out[y])
-        else:
-            out[y] = _unfilter_sequential(kinds[y], pixels[y].tolist(), prev.tolist())
-    return out
-
-
-def _unfilter_sequential(f: int, line: list[int], prev: list[int]) -> list[int]:
-    """PNG's Average (3) and Paeth (4) filters for one row of 1-byte pixels."""
-    out, left, upleft = [], 0, 0
-    for raw, up in zip(line, prev, strict=True):
-        if f == 3:
-            left = (raw + ((left + up) >> 1)) & 0xFF
-        else:
-            p = left + up - upleft
-            pa, pb, pc = abs(p - left), abs(p - up), abs(p - upleft)
-            predictor = left if pa <= pb and pa <= pc else (up if pb <= pc else upleft)
-            left = (raw + predictor) & 0xFF
-        out.append(left)
-        upleft = up
-    return out
 
 
 def _to_gray(img: Image.Image) -> np.ndarray:

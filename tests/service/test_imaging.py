@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import zlib
 
 import numpy as np
 import pytest
@@ -152,30 +151,3 @@ def test_real_world_without_normalisation_fails(mnist, trained_net):
         naive.append(np.asarray(Image.fromarray(gray).resize((28, 28), Image.Resampling.BILINEAR)))
     accuracy = np.mean(network.predict(trained_net, to_vectors(np.stack(naive))) == mnist.test_labels[:n])
     assert accuracy < 0.5
-
-
-def test_fast_png_path_gives_pillows_pixels(mnist):
-    """The zlib+numpy decoder for small grayscale PNGs against Pillow, over every PNG row filter."""
-    rng = np.random.default_rng(0)
-    arrays = list(mnist.test_images[:300]) + [
-        rng.integers(0, 256, (int(rng.integers(1, 65)), int(rng.integers(1, 65))), dtype=np.uint8)
-        for _ in range(200)
-    ]
-    filters_seen: set[int] = set()
-    for a in arrays:
-        for options in ({}, {"optimize": True}, {"compress_level": 0}):
-            data = png_bytes(a, **options)
-            fast = imaging.decode_small_gray_png(data)
-            assert fast is not None, a.shape
-            assert np.array_equal(fast, np.asarray(Image.open(io.BytesIO(data)))), a.shape
-            raw = zlib.decompress(data[data.index(b"IDAT") + 4 :])
-            filters_seen.update(raw[i * (a.shape[1] + 1)] for i in range(a.shape[0]))
-    assert filters_seen == {0, 1, 2, 3, 4}  # None, Sub, Up, Average, Paeth all exercised
-    # What it does not handle goes to Pillow: colour, 16-bit, large, damaged.
-    digit = mnist.test_images[0]
-    assert imaging.decode_small_gray_png(png_bytes(digit, "RGB")) is None
-    assert imaging.decode_small_gray_png(png_bytes(np.zeros((100, 100), np.uint8))) is None
-    damaged = bytearray(png_bytes(digit))
-    damaged[-20] ^= 0xFF
-    assert imaging.decode_small_gray_png(bytes(damaged)) is None
-    assert imaging.decode_small_gray_png(png_bytes(digit)[:-12]) is None  # no IEND
