@@ -19,7 +19,8 @@ from trainer.presets import DEFAULT_PRESET, DTYPES, INITS, OPTIMIZERS, PRESETS, 
 
 ENV_HELP = (
     "environment: DATA_DIR (default ./data), MODELS_DIR (default ./models), MODEL_NAME (default mnist), "
-    "MNIST_DOWNLOAD=0 forbids downloading a missing dataset, TQDM_DISABLE=1 hides the progress bar."
+    "MNIST_DOWNLOAD=0 forbids downloading a missing dataset, TQDM_DISABLE=1 hides the progress bar, "
+    "TRAINER_THREADS (default 1) BLAS threads: the same seed gives the same weights only with the same count."
 )
 
 
