@@ -7,7 +7,8 @@ It prints the median seconds per epoch of each, the ratios, the test
 accuracy each reached, and how far this trainer is from the machine's
 arithmetic limit (the epoch's FLOPs at the peak GEMM rate measured here).
 
-    python bench/train_speed.py                 # 3 epochs each (reference: 1)
+    python bench/train_speed.py                 # 3 epochs each (reference: 1), 1 thread
+    TRAINER_THREADS=2 python bench/train_speed.py
     python bench/train_speed.py --epochs 5 --reference-epochs 2
 """
 
@@ -15,20 +16,26 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# The same BLAS thread count as `python -m trainer` (TRAINER_THREADS, default 1), set before numpy loads;
+# PyTorch is then given the same count.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, os.environ.get("TRAINER_THREADS", "1"))
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.network import new_network, one_hot, predict
-from core.preprocess import to_vectors
-from trainer.data import load_mnist
-from trainer.presets import make_config
-from trainer.train import train
+from core.network import new_network, one_hot, predict  # noqa: E402
+from core.preprocess import to_vectors  # noqa: E402
+from trainer.data import load_mnist  # noqa: E402
+from trainer.presets import make_config  # noqa: E402
+from trainer.train import train  # noqa: E402
 
 
 def blas_threads() -> int:
