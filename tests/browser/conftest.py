@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.extras.helpers import ROOT, Gunicorn
+from tests.helpers import ROOT, Server, start_gunicorn
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # Never a downloaded browser, and nothing that phones home from CI.
@@ -44,13 +44,9 @@ def served_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(served_models: Path) -> Iterator[Gunicorn]:
-    g = Gunicorn(served_models, workers=2)
-    try:
-        g.wait_ready()
-        yield g
-    finally:
-        g.stop()
+def server(served_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with start_gunicorn(served_models, tmp_path_factory.mktemp("gunicorn")) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from tests.service.extras.helpers import ROOT, load_mnist, png_bytes
+from tests.helpers import ROOT, load_mnist, png_bytes
 
 DESKTOP = {"width": 1200, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -103,16 +103,16 @@ def test_clear_resets_the_page(page):
 def test_upload_and_drop_a_png(page, artifacts, data_dir):
     mnist = load_mnist(data_dir)
     # Two MNIST test digits that differ, light on dark as MNIST stores them.
-    first, second = 0, next(i for i in range(1, 100) if mnist["test_labels"][i] != mnist["test_labels"][0])
-    label_a, label_b = str(mnist["test_labels"][first]), str(mnist["test_labels"][second])
+    first, second = 0, next(i for i in range(1, 100) if mnist.test_labels[i] != mnist.test_labels[0])
+    label_a, label_b = str(mnist.test_labels[first]), str(mnist.test_labels[second])
     page.set_input_files(
         "#file",
-        files=[{"name": "a.png", "mimeType": "image/png", "buffer": png_bytes(mnist["test_images"][first])}],
+        files=[{"name": "a.png", "mimeType": "image/png", "buffer": png_bytes(mnist.test_images[first])}],
     )
     assert shown_digit(page, label_a) == label_a
     assert page.locator("#preview").is_visible()
 
-    payload = list(png_bytes(mnist["test_images"][second]))
+    payload = list(png_bytes(mnist.test_images[second]))
     page.evaluate(
         """(bytes) => {
              const dt = new DataTransfer();

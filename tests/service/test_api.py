@@ -13,7 +13,7 @@ import pytest
 from core import network
 from core.preprocess import to_vectors
 from service.app import create_app, load_config
-from tests.service.conftest import bomb_png, png_bytes, publish, random_net
+from tests.helpers import bomb_png, png_bytes, publish, random_net
 
 
 def make_client(models_dir: Path, **config):

@@ -20,7 +20,7 @@ import requests
 
 from core import network
 from core.preprocess import to_vectors
-from tests.service.conftest import ROOT, png_bytes, publish, random_net, start_gunicorn, stop
+from tests.helpers import ROOT, png_bytes, publish, random_net, start_gunicorn, stop
 
 pytestmark = pytest.mark.slow
 

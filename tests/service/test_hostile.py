@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from service.app import create_app
-from tests.service.conftest import bomb_png, png_bytes, publish, random_net
+from tests.helpers import bomb_png, png_bytes, publish, random_net
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 

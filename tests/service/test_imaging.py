@@ -12,7 +12,7 @@ from core import network
 from core.preprocess import to_vectors
 from service import imaging
 from service.errors import ApiError
-from tests.service.conftest import bomb_png, png_bytes
+from tests.helpers import bomb_png, png_bytes
 
 LIMIT = 16_000_000
 

@@ -13,7 +13,7 @@ import pytest
 from core import modelstore, network
 from service.errors import ApiError
 from service.models import ModelManager
-from tests.service.conftest import publish, random_net
+from tests.helpers import publish, random_net
 
 
 def manager(models_dir: Path, **kw) -> tuple[ModelManager, list]:

@@ -1,4 +1,5 @@
-"""Fixtures for the extras' tests: a model trained in seconds on real MNIST, apps and a gunicorn."""
+"""Fixtures for the extras' tests: a model trained in seconds on real MNIST, apps and a gunicorn.
+MNIST itself comes from tests/service/conftest.py."""
 
 from __future__ import annotations
 
@@ -8,20 +9,15 @@ from pathlib import Path
 import pytest
 
 from service.app import create_app
-from tests.service.extras.helpers import Gunicorn, accuracy, load_mnist, publish, train_quickly
+from tests.helpers import Mnist, Server, accuracy, publish, start_gunicorn, train_quickly
 
 
 @pytest.fixture(scope="session")
-def mnist(data_dir: Path) -> dict:
-    return load_mnist(data_dir)
-
-
-@pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory, mnist: dict) -> Path:
+def models_dir(tmp_path_factory: pytest.TempPathFactory, mnist: Mnist) -> Path:
     """A repository with one version: 784-64-10, one epoch on 20k images (~92%, under a second)."""
     root = tmp_path_factory.mktemp("models")
-    net = train_quickly(mnist["train_images"][:20000], mnist["train_labels"][:20000])
-    publish(root, net, accuracy(net, mnist["test_images"][:2000], mnist["test_labels"][:2000]))
+    net = train_quickly(mnist.train_images[:20000], mnist.train_labels[:20000])
+    publish(root, net, accuracy(net, mnist.test_images[:2000], mnist.test_labels[:2000]))
     return root
 
 
@@ -36,11 +32,7 @@ def client(app):
 
 
 @pytest.fixture(scope="module")
-def server(models_dir: Path) -> Iterator[Gunicorn]:
+def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn with 2 sync workers, as `make serve` runs it."""
-    g = Gunicorn(models_dir, workers=2)
-    try:
-        g.wait_ready()
-        yield g
-    finally:
-        g.stop()
+    with start_gunicorn(models_dir, tmp_path_factory.mktemp("gunicorn")) as s:
+        yield s

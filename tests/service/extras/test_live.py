@@ -15,14 +15,14 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from core.preprocess import to_vectors
-from tests.service.extras.helpers import Gunicorn, png_bytes, publish, train_quickly
+from tests.helpers import png_bytes, publish, start_gunicorn, train_quickly
 
 N_IMAGES = 64
 
 
 @pytest.fixture(scope="module")
 def images(mnist) -> np.ndarray:
-    return mnist["test_images"][:N_IMAGES]
+    return mnist.test_images[:N_IMAGES]
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +196,7 @@ def test_reloads_and_rejections_are_counted_in_every_worker(tmp_path, models_dir
     """A new version moves the gauge and the reload counter; a tampered one the rejection counter."""
     root = tmp_path / "models"
     shutil.copytree(models_dir, root)
-    g = Gunicorn(root, workers=2)
-    try:
-        g.wait_ready()
+    with start_gunicorn(root, tmp_path) as g:
         # Each worker starts polling on its first request: make sure both have served one.
         pids: set[int] = set()
         deadline = time.monotonic() + 20
@@ -212,7 +210,7 @@ def test_reloads_and_rejections_are_counted_in_every_worker(tmp_path, models_dir
             }
         assert len(pids) == 2
 
-        net = train_quickly(mnist["train_images"][:2000], mnist["train_labels"][:2000])
+        net = train_quickly(mnist.train_images[:2000], mnist.train_labels[:2000])
         assert publish(root, net, 0.5) == 2
         text = wait_for(g.url, lambda t: sample(t, "mnist_model_reloads_total", model="mnist") == 2)
         assert gauge_values(text) == [2.0, 2.0]  # one series per live worker, both on v2
@@ -225,8 +223,6 @@ def test_reloads_and_rejections_are_counted_in_every_worker(tmp_path, models_dir
         text = wait_for(g.url, lambda t: sample(t, "mnist_model_rejected_versions_total", model="mnist") == 2)
         assert gauge_values(text) == [2.0, 2.0]
         assert sample(text, "mnist_model_reloads_total", model="mnist") == 2
-    finally:
-        g.stop()
 
 
 def gauge_values(text: str) -> list[float]:

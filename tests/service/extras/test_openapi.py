@@ -16,7 +16,7 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
-from tests.service.extras.helpers import ROOT, png_bytes
+from tests.helpers import ROOT, png_bytes
 
 MEDIA_JSON = "application/json"
 
@@ -60,7 +60,7 @@ def response_validator(document: dict, path: str, method: str, status: int, medi
 
 
 def test_real_responses_match_their_schemas(client, document, mnist, tmp_path):
-    image = mnist["test_images"][0]
+    image = mnist.test_images[0]
     v2_req = {
         "inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 784], "data": image.ravel().tolist()}]
     }

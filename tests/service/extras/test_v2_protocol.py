@@ -11,7 +11,7 @@ from core.network import probabilities
 from core.preprocess import to_vectors
 from service import v2
 from service.v2 import V2Error, parse_infer_request
-from tests.service.extras.helpers import png_bytes
+from tests.helpers import png_bytes
 
 
 def request_doc(datatype="UINT8", shape=(1, 784), data=None, **extra) -> dict:
@@ -36,7 +36,7 @@ def status_of(doc: dict, raw: bytes = b"", max_batch: int = 1024) -> int:
 
 
 def test_uint8_json_flat_and_nested_give_to_vectors_rows(mnist):
-    images = mnist["test_images"][:3]
+    images = mnist.test_images[:3]
     expected = to_vectors(images)
     flat = parse(request_doc("UINT8", (3, 784), images.ravel().tolist()))
     nested = parse(request_doc("UINT8", (3, 28, 28), images.tolist()))
@@ -46,7 +46,7 @@ def test_uint8_json_flat_and_nested_give_to_vectors_rows(mnist):
 
 
 def test_fp32_json_and_binary_are_used_bit_for_bit(mnist):
-    x = to_vectors(mnist["test_images"][:2])
+    x = to_vectors(mnist.test_images[:2])
     from_json = parse(request_doc("FP32", (2, 784), x.ravel().tolist()))
     doc = request_doc("FP32", (2, 28, 28))
     doc["inputs"][0]["parameters"] = {"binary_data_size": x.nbytes}
@@ -56,7 +56,7 @@ def test_fp32_json_and_binary_are_used_bit_for_bit(mnist):
 
 
 def test_uint8_binary(mnist):
-    images = mnist["test_images"][:4]
+    images = mnist.test_images[:4]
     doc = request_doc("UINT8", (4, 784))
     doc["inputs"][0]["parameters"] = {"binary_data_size": images.size}
     np.testing.assert_array_equal(parse(doc, images.tobytes()).x, to_vectors(images))
@@ -177,7 +177,7 @@ def test_malformed_json_header():
 
 def test_encode_binary_outputs_round_trip(app, mnist):
     model = app.extensions["models"].current()
-    x = to_vectors(mnist["test_images"][:5])
+    x = to_vectors(mnist.test_images[:5])
     req = v2.InferRequest("r1", {"p": 1}, x, (("probabilities", True), ("digit", False)))
     results = v2.infer(model, x)
     body, header_length = v2.encode_response(model, req, results, "r1")
@@ -243,7 +243,7 @@ def test_base_errors_keep_their_own_shape(client):
 
 
 def test_infer_matches_predict_over_flask(client, mnist):
-    images = mnist["test_images"][:8]
+    images = mnist.test_images[:8]
     doc = request_doc("UINT8", (8, 28, 28), images.tolist(), id="batch-1")
     r = client.post("/v2/models/mnist/infer", json=doc)
     assert r.status_code == 200 and r.mimetype == "application/json"

@@ -1,0 +1,268 @@
+"""Plain helpers every service and browser test shares: real MNIST, small real networks published
+with core.modelstore, PNG bodies, and a real gunicorn started from gunicorn.conf.py on a free port.
+
+One copy, so that a fix to (say) how gunicorn is started or awaited reaches every suite."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import requests
+from PIL import Image
+from threadpoolctl import threadpool_limits
+
+from core import modelstore, network
+from core.preprocess import to_vectors
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# --- MNIST -------------------------------------------------------------------------------------
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format) as a writable numpy array, without torch."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        ndim = head[3]
+        shape = tuple(int.from_bytes(f.read(4), "big") for _ in range(ndim))
+    return np.fromfile(path, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Mnist:
+    train_images: np.ndarray  # (60000, 28, 28) uint8
+    train_labels: np.ndarray  # (60000,) int64
+    test_images: np.ndarray  # (10000, 28, 28) uint8
+    test_labels: np.ndarray  # (10000,) int64
+
+
+def load_mnist(data_dir: Path) -> Mnist:
+    """The four raw files under data_dir/MNIST/raw (see the data_dir fixture)."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    return Mnist(
+        read_idx(raw / "train-images-idx3-ubyte"),
+        read_idx(raw / "train-labels-idx1-ubyte").astype(np.int64),
+        read_idx(raw / "t10k-images-idx3-ubyte"),
+        read_idx(raw / "t10k-labels-idx1-ubyte").astype(np.int64),
+    )
+
+
+# --- networks and model repositories ----------------------------------------------------------
+
+
+def random_net(seed: int = 0, hidden: int = 30) -> network.Network:
+    """Weights that mean nothing: for tests where only the plumbing matters."""
+    return network.new_network(
+        [784, hidden, 10], ["sigmoid", "softmax"], "cross_entropy", np.random.default_rng(seed), init="scaled"
+    )
+
+
+def train_quickly(
+    images: np.ndarray,
+    labels: np.ndarray,
+    epochs: int = 1,
+    hidden: int = 64,
+    activation: str = "relu",
+    init: str = "he",
+    lr: float = 0.5,
+    seconds: float | None = None,
+) -> network.Network:
+    """A small 784-hidden-10 softmax network by plain minibatch SGD through core.network.backprop,
+    in seconds: real enough that recognising digits is a real test, without the trainer (torch).
+
+    `seconds` bounds the time rather than the epochs (the machine is shared), but never stops
+    before half an epoch."""
+    rng = np.random.default_rng(0)
+    net = network.new_network([784, hidden, 10], [activation, "softmax"], "cross_entropy", rng, init=init)
+    x = to_vectors(images)
+    y = network.one_hot(labels)
+    batch = 100
+    deadline = None if seconds is None else time.monotonic() + seconds
+    seen = 0
+    # One BLAS thread: small matrices on a shared 2-core box run 15x slower oversubscribed.
+    with threadpool_limits(1):
+        for _ in range(epochs):
+            order = rng.permutation(len(x))
+            for start in range(0, len(x), batch):
+                idx = order[start : start + batch]
+                gw, gb = network.backprop(net, x[idx].T, y[:, idx])
+                net = net.with_params(
+                    [w - (lr / len(idx)) * g for w, g in zip(net.weights, gw, strict=True)],
+                    [b - (lr / len(idx)) * g for b, g in zip(net.biases, gb, strict=True)],
+                )
+                seen += len(idx)
+                if deadline is not None and time.monotonic() > deadline and seen >= len(x) // 2:
+                    return net
+    return net
+
+
+def accuracy(net: network.Network, images: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(network.predict(net, to_vectors(images)) == labels))
+
+
+def publish(models_dir: Path, net: network.Network, accuracy: float = 0.5) -> int:
+    """Publish the next version of "mnist", its accuracy where the trainer puts it."""
+    return modelstore.publish(models_dir, "mnist", net, {"metrics": {"test_accuracy": accuracy}})
+
+
+# --- request bodies ---------------------------------------------------------------------------
+
+
+def png_bytes(a: np.ndarray, mode: str | None = None, fmt: str = "PNG", **save) -> bytes:
+    """An image file's bytes (PNG unless `fmt`), optionally converted to `mode` first."""
+    img = Image.fromarray(np.asarray(a, dtype=np.uint8))
+    if mode is not None:
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG header declaring width×height pixels, with almost no data: a decompression bomb's
+    first bytes, built by hand so the test does not have to allocate the gigapixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
+
+
+# --- a real gunicorn ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_pids(pid: int) -> set[int]:
+    """Live processes whose parent is `pid` (the gunicorn workers), from /proc."""
+    children = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.add(int(entry))
+    return children
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15) -> int:
+    """SIGTERM (gunicorn's graceful stop), then SIGKILL if it hangs; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@dataclass
+class Server:
+    """A started gunicorn; as a context manager it is stopped on exit."""
+
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def workers(self) -> set[int]:
+        return child_pids(self.proc.pid)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def lines(self) -> list[str]:
+        """The server's stdout+stderr so far, line by line (the JSON logs)."""
+        return self.logs().splitlines()
+
+    def stop(self) -> int:
+        return stop(self.proc)
+
+    def wait_workers(self, n: int, exclude: set[int] = frozenset(), timeout: float = 20) -> set[int]:
+        """Wait until n workers not in `exclude` are alive and the server answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.workers()
+            if len(pids) == n and not pids & exclude:
+                return pids
+            time.sleep(0.1)
+        raise AssertionError(f"workers {self.workers()} after {timeout}s\n{self.logs()[-3000:]}")
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def start_gunicorn(models_dir: Path, log_dir: Path, ready: bool = True, **env: str) -> Server:
+    """Start `gunicorn -c gunicorn.conf.py service.wsgi:app` (as `make serve` and the image do) on
+    a free port and wait for /readyz (or /healthz) and its 2 workers. `env` overrides the settings.
+    The caller must stop it: `server.stop()`, or `with start_gunicorn(...) as server:`."""
+    port = free_port()
+    log = log_dir / "server.log"
+    full_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    full_env.update(
+        PORT=str(port),
+        MODELS_DIR=str(models_dir),
+        WEB_CONCURRENCY="2",
+        MODEL_POLL_SECONDS="0.5",
+        PYTHONUNBUFFERED="1",
+    )
+    full_env.update(env)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "service.wsgi:app"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + 30
+        path = "/readyz" if ready else "/healthz"
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"gunicorn exited with {proc.returncode}:\n{server.logs()[-3000:]}")
+            try:
+                if requests.get(server.url + path, timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"gunicorn not ready after 30s:\n{server.logs()[-3000:]}")
+            time.sleep(0.1)
+        server.wait_workers(int(full_env["WEB_CONCURRENCY"]))
+    except BaseException:
+        stop(proc)
+        raise
+    return server
