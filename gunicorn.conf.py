@@ -80,6 +80,17 @@ def on_starting(server):
             os.unlink(entry.path)
 
 
+def post_worker_init(worker):
+    """Start the model poller as the worker boots, not at its first request.
+
+    A worker that gets no traffic for a while (keep-alive connections can all
+    land on the other one) must still follow new versions.
+    """
+    manager = getattr(worker.wsgi, "extensions", {}).get("models")
+    if manager is not None:
+        manager.ensure_polling()
+
+
 def child_exit(server, worker):
     """A dead worker's live gauges must not be summed any more."""
     try:

@@ -290,19 +290,23 @@ class ModelManager:
                 return
             self._poller_pid = pid
             self._stop = threading.Event()
+            # Scan now, not only from the thread: a worker that has been idle since it
+            # booted must not answer its first request with the model it booted with.
+            self._scan_logged()
             threading.Thread(target=self._poll, name="model-poller", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
 
+    def _scan_logged(self) -> None:
+        try:
+            self.scan()
+        except Exception:  # the poller must outlive any surprise in the repository
+            log.exception("model scan failed")
+
     def _poll(self) -> None:
-        while True:
-            try:
-                self.scan()
-            except Exception:  # the poller must outlive any surprise in the repository
-                log.exception("model scan failed")
-            if self._stop.wait(self.poll_seconds):
-                return
+        while not self._stop.wait(self.poll_seconds):
+            self._scan_logged()
 
 
 def _accuracy(meta: dict[str, Any]) -> float | None:
