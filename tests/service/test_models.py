@@ -176,6 +176,18 @@ def test_poller_thread_picks_up_new_versions(models_dir):
         m.stop()
 
 
+def test_polling_starts_with_a_scan_so_a_fresh_worker_is_never_stale(models_dir):
+    """A worker booted before a new version appeared serves it from its first request on."""
+    m, _ = manager(models_dir, poll_seconds=60)
+    publish(models_dir, random_net(2))
+    assert m.current().version == 1
+    try:
+        m.ensure_polling()  # what post_worker_init and the first request call
+        assert m.current().version == 2
+    finally:
+        m.stop()
+
+
 def test_unreadable_repository_keeps_last_good(models_dir, monkeypatch):
     m, _ = manager(models_dir)
 
