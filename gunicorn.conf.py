@@ -4,7 +4,7 @@ Environment (default):
 
     PORT                      8000       bind 0.0.0.0:$PORT
     WEB_CONCURRENCY           2          worker processes (one per core)
-    GUNICORN_WORKER_CLASS     gthread    measured against sync (README, service benchmark); keeps connections alive
+    GUNICORN_WORKER_CLASS     gthread    beat sync in the README benchmark; keeps connections alive
     GUNICORN_THREADS          4          threads per gthread worker (slow clients do not block a worker)
     GUNICORN_TIMEOUT          30         seconds before a stuck worker is killed and replaced
     GUNICORN_GRACEFUL_TIMEOUT 20         seconds in-flight requests get on TERM / HUP
