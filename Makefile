@@ -31,14 +31,19 @@ $(VENV)/.installed: requirements/service.txt requirements/trainer.txt requiremen
 
 venv: $(VENV)/.installed ## create the virtualenv with every pinned dependency
 
+# From local *-ubyte.gz files when MNIST_FILES exists, else torchvision downloads them.
 $(DATA_DIR)/MNIST/raw/t10k-labels-idx1-ubyte:
-	@test -d "$(MNIST_FILES)" || { echo "no MNIST files in $(MNIST_FILES): set MNIST_FILES=dir, or let torchvision download them (make train)"; exit 1; }
+	@if [ ! -d "$(MNIST_FILES)" ]; then \
+		echo "no $(MNIST_FILES): torchvision downloads MNIST into $(DATA_DIR)"; \
+		$(MAKE) --no-print-directory venv && $(PY) -c "from trainer.data import load_mnist; load_mnist('$(DATA_DIR)', download=True)"; \
+		exit $$?; \
+	fi
 	mkdir -p $(DATA_DIR)/MNIST/raw
 	for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do \
 		gunzip -c "$(MNIST_FILES)/$$f.gz" > "$(DATA_DIR)/MNIST/raw/$$f.part" && mv "$(DATA_DIR)/MNIST/raw/$$f.part" "$(DATA_DIR)/MNIST/raw/$$f" || exit 1; \
 	done
 
-data: $(DATA_DIR)/MNIST/raw/t10k-labels-idx1-ubyte ## unpack MNIST from MNIST_FILES into DATA_DIR/MNIST/raw
+data: $(DATA_DIR)/MNIST/raw/t10k-labels-idx1-ubyte ## MNIST into DATA_DIR/MNIST/raw: unpacked from MNIST_FILES, else downloaded
 
 train: venv ## train and publish a new version (PRESET=best|seed, EPOCHS=, LR=, SEED=, TRAIN_ARGS=)
 	@if [ -d "$(MNIST_FILES)" ]; then $(MAKE) --no-print-directory data; fi
