@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from core.network import COSTS, HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
 from trainer.presets import DEFAULT_PRESET, DTYPES, INITS, OPTIMIZERS, PRESETS, SCHEDULES, Config, make_config
 
 ENV_HELP = (
@@ -71,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--sizes", type=_sizes, help=f"layer sizes, comma-separated (best: {','.join(map(str, d.sizes))})"
     )
-    g.add_argument("--hidden-activation", choices=("sigmoid", "tanh", "relu"), help="hidden layers' σ")
-    g.add_argument("--output-activation", choices=("sigmoid", "tanh", "relu", "softmax"), help="output σ")
-    g.add_argument("--cost", choices=("quadratic", "cross_entropy"), help="cost function")
+    g.add_argument("--hidden-activation", choices=HIDDEN_ACTIVATIONS, help="hidden layers' σ")
+    g.add_argument("--output-activation", choices=OUTPUT_ACTIVATIONS, help="output σ")
+    g.add_argument("--cost", choices=tuple(COSTS), help="cost function")
     g.add_argument("--init", choices=INITS, help="weight init: N(0,1), N(0,1/n_in) or He N(0,2/n_in)")
     g.add_argument("--dtype", choices=DTYPES, help="float type of weights and arithmetic")
     g = tr.add_argument_group("optimisation")
