@@ -166,7 +166,6 @@ def init_app(app: Flask) -> None:
     @app.before_request
     def _start() -> None:
         g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
-        g.log_t0 = time.perf_counter()
 
     @app.after_request
     def _finish(response: Response) -> Response:
@@ -175,7 +174,7 @@ def init_app(app: Flask) -> None:
         response.headers[REQUEST_ID_HEADER] = rid
         if access_on:
             req = request._get_current_object()
-            t0 = getattr(ctx_g, "log_t0", None)
+            t0 = getattr(ctx_g, "request_t0", None)  # set by service.extensions
             status = response.status_code
             fields = {
                 "request_id": rid,

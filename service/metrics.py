@@ -142,10 +142,6 @@ def init_app(app: Flask) -> None:
 
         models.add_listener(on_model_event)
 
-    @app.before_request
-    def _start() -> None:
-        g.metrics_t0 = time.perf_counter()
-
     # Label children cached per key: .labels() takes a lock and builds tuples on every call.
     request_children: dict[tuple[str, str, int], tuple] = {}
 
@@ -163,7 +159,7 @@ def init_app(app: Flask) -> None:
             )
             request_children[key] = children
         children[0].inc()
-        t0 = getattr(ctx_g, "metrics_t0", None)
+        t0 = getattr(ctx_g, "request_t0", None)  # set by service.extensions
         if t0 is not None:
             children[1].observe(time.perf_counter() - t0)
         digits = getattr(ctx_g, "predicted_digits", None)
