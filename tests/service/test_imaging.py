@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -151,3 +153,79 @@ def test_real_world_without_normalisation_fails(mnist, trained_net):
         naive.append(np.asarray(Image.fromarray(gray).resize((28, 28), Image.Resampling.BILINEAR)))
     accuracy = np.mean(network.predict(trained_net, to_vectors(np.stack(naive))) == mnist.test_labels[:n])
     assert accuracy < 0.5
+
+
+def _generic(data: bytes) -> np.ndarray:
+    """What Pillow's own reader makes of the bytes: the reference for the PNG fast path."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return imaging._to_gray(img)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "LA", "RGBA"])
+@pytest.mark.parametrize("shape", [(28, 28), (1, 1), (3, 500), (97, 61)])
+def test_plain_pngs_take_the_fast_path_and_match_pillow(mode, shape):
+    rng = np.random.default_rng(sum(shape))
+    channels = len(mode)
+    pixels = rng.integers(0, 256, size=(*shape, channels), dtype=np.uint8)
+    img = Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+    for options in ({}, {"optimize": True}, {"compress_level": 0}):
+        buf = io.BytesIO()
+        img.save(buf, "PNG", **options)
+        data = buf.getvalue()
+        assert imaging._plain_png(data) is not None, (mode, shape, options)
+        assert np.array_equal(imaging.decode(data, LIMIT), _generic(data)), (mode, shape, options)
+
+
+def test_other_pngs_leave_the_fast_path_and_still_decode(mnist):
+    image = mnist.test_images[3]
+    transparent = io.BytesIO()
+    Image.fromarray(image).save(transparent, "PNG", transparency=0)
+    sixteen = io.BytesIO()
+    Image.fromarray(image.astype(np.uint16) * 257).save(sixteen, "PNG")
+    others = {
+        "palette": png_bytes(image, "P"),
+        "1-bit": png_bytes(image, "1"),
+        "16-bit": sixteen.getvalue(),
+        "tRNS": transparent.getvalue(),
+    }
+    for name, data in others.items():
+        assert imaging._plain_png(data) is None, name
+        assert np.array_equal(imaging.decode(data, LIMIT), _generic(data)), name
+    data = png_bytes(image)
+    header = data[12:28] + b"\x01"  # IHDR with the interlace flag set, and a valid CRC
+    interlaced = data[:12] + header + struct.pack(">I", zlib.crc32(header)) + data[33:]
+    assert imaging._plain_png(interlaced) is None
+
+
+def test_fast_path_refuses_a_bad_crc_and_an_unknown_critical_chunk(mnist):
+    data = bytearray(png_bytes(mnist.test_images[0]))
+    assert imaging._plain_png(bytes(data)) is not None
+    bad_crc = bytearray(data)
+    bad_crc[29] ^= 0xFF  # IHDR's CRC
+    assert imaging._plain_png(bytes(bad_crc)) is None
+    with pytest.raises(ApiError) as e:  # ... and Pillow's reader refuses it too
+        imaging.decode(bytes(bad_crc), LIMIT)
+    assert e.value.status == 400
+    chunk = b"ZZZZ" + b"data"
+    unknown = data[:33] + struct.pack(">I", 4) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
+    assert imaging._plain_png(bytes(unknown)) is None
+
+
+def test_fast_path_corrupt_pixels_are_a_400(mnist):
+    data = png_bytes(mnist.test_images[0])
+    length = struct.unpack(">I", data[33:37])[0]  # the first chunk after IHDR is IDAT for Pillow
+    assert data[37:41] == b"IDAT"
+    body = bytes(length)  # zeros: not a zlib stream
+    chunk = b"IDAT" + body
+    broken = (
+        data[:33]
+        + struct.pack(">I", length)
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+        + data[45 + length :]
+    )
+    assert imaging._plain_png(broken) is not None  # well-formed chunks, so the fast path decodes ...
+    with pytest.raises(ApiError) as e:
+        imaging.decode(broken, LIMIT)
+    assert e.value.status == 400  # ... and the decoder's failure is the client's error
