@@ -64,7 +64,8 @@ def _sigmoid(z: Array) -> Array:
 
 def _softmax(z: Array) -> Array:
     e = np.exp(z - z.max(axis=0, keepdims=True))
-    return e / e.sum(axis=0, keepdims=True)
+    e /= e.sum(axis=0, keepdims=True)  # in place: e is ours, and the bits are those of e / sum
+    return e
 
 
 ACTIVATIONS: dict[str, Activation] = {
@@ -194,7 +195,9 @@ def new_network(
 def feedforward(net: Network, a: Array) -> Array:
     """a^L for input columns `a` of shape (n_0, m): the one forward pass."""
     for w, b, name in zip(net.weights, net.biases, net.activations, strict=True):
-        a = ACTIVATIONS[name].fn(w @ a + b)
+        z = w @ a
+        z += b  # in place: one temporary less per layer, for a single image as for a batch
+        a = ACTIVATIONS[name].fn(z)
     return a
 
 

@@ -144,6 +144,7 @@ def init_app(app: Flask) -> None:
 
     # Label children cached per key: .labels() takes a lock and builds tuples on every call.
     request_children: dict[tuple[str, str, int], tuple] = {}
+    digit_children = [metrics.predictions.labels(str(d)) for d in range(10)]
 
     @app.after_request
     def _count(response: Response) -> Response:
@@ -165,11 +166,11 @@ def init_app(app: Flask) -> None:
         digits = getattr(ctx_g, "predicted_digits", None)
         if digits is not None and response.status_code == 200:
             if len(digits) == 1:
-                metrics.predictions.labels(str(int(digits[0]))).inc()
+                digit_children[int(digits[0])].inc()
             else:
                 for digit, n in enumerate(np.bincount(np.asarray(digits, dtype=np.int64), minlength=10)):
                     if n:
-                        metrics.predictions.labels(str(digit)).inc(int(n))
+                        digit_children[digit].inc(int(n))
         return response
 
     @app.get("/metrics")

@@ -27,6 +27,9 @@ from core import modelstore, network
 from core.preprocess import to_vectors
 
 ROOT = Path(__file__).resolve().parent.parent
+# The one version committed to the repository: what a fresh clone serves.
+SHIPPED_VERSION = 2
+SHIPPED_MODEL = ROOT / "models" / "mnist" / str(SHIPPED_VERSION)
 
 # --- MNIST -------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, Server, start_gunicorn
+from tests.helpers import ROOT, SHIPPED_MODEL, Server, start_gunicorn
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # Never a downloaded browser, and nothing that phones home from CI.
@@ -34,12 +34,11 @@ def artifacts() -> Path:
 
 @pytest.fixture(scope="session")
 def served_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the shipped models/mnist/1: the best model for hand-drawn digits, isolated from the repo."""
-    shipped = ROOT / "models" / "mnist" / "1"
-    if not (shipped / "model.json").exists():
-        pytest.fail("models/mnist/1 is missing: the page is tested with the shipped model")
+    """A copy of the shipped model, isolated from the repo: the page is tested with what a clone serves."""
+    if not (SHIPPED_MODEL / "model.json").exists():
+        pytest.fail(f"{SHIPPED_MODEL} is missing: the page is tested with the shipped model")
     root = tmp_path_factory.mktemp("browser-models")
-    shutil.copytree(shipped, root / "mnist" / "1")
+    shutil.copytree(SHIPPED_MODEL, root / "mnist" / SHIPPED_MODEL.name)
     return root
 
 

@@ -26,6 +26,7 @@ import requests
 from PIL import Image
 
 from tests.e2e.conftest import HEALTHY_WITHIN, Stack, Timer
+from tests.helpers import SHIPPED_MODEL, SHIPPED_VERSION
 
 N_IMAGES = 1000  # the issue asks for at least 500
 MAX_CONTENT_LENGTH = 4 * 1024 * 1024  # the service's default (service/app.py)
@@ -144,7 +145,7 @@ def test_predictions_match_offline_evaluation(stack: Stack, test_set, timer: Tim
             assert r.status_code == 200, r.text
             answers.append(r.json())
     versions = {a["model"]["version"] for a in answers}
-    assert versions == {1}, f"a fresh clone must serve the shipped models/mnist/1, got {versions}"
+    assert versions == {SHIPPED_VERSION}, f"a fresh clone must serve {SHIPPED_MODEL}, got {versions}"
 
     served = np.array([a["probabilities"] for a in answers])
     digits = np.array([a["digit"] for a in answers])

@@ -88,6 +88,46 @@ def test_concurrent_clients(served, mnist, trained_net):
     assert all(r == expected for r in results)
 
 
+def test_keep_alive_clients_spread_over_both_workers(gunicorn, models_dir):
+    """8 keep-alive clients that connect together must not all land on one worker.
+
+    A gthread worker accepts every connection it can; without the per-worker cap in
+    gunicorn.conf.py (threads + 1) one worker could take them all and leave a core idle.
+    """
+    server = gunicorn(models_dir)
+    n_clients, per_client = 8, 30
+    body = png_bytes(np.zeros((28, 28), np.uint8))
+    barrier = threading.Barrier(n_clients)
+    statuses: list[int] = []
+
+    def client(k: int) -> None:
+        with requests.Session() as s:
+            barrier.wait()
+            for i in range(per_client):
+                r = s.post(
+                    server.url + "/predict",
+                    data=body,
+                    headers={"Content-Type": "image/png", "X-Request-ID": f"spread-{k}-{i}"},
+                    timeout=30,
+                )
+                statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert statuses == [200] * (n_clients * per_client)
+    served_by: dict[int, int] = {}
+    for line in server.lines():
+        if '"spread-' in line and line.startswith("{"):
+            doc = json.loads(line)
+            if doc.get("path") == "/predict":
+                served_by[doc["pid"]] = served_by.get(doc["pid"], 0) + 1
+    assert sum(served_by.values()) == n_clients * per_client, served_by
+    assert len(served_by) == 2 and min(served_by.values()) >= per_client * 2, served_by
+
+
 THREADS_AFTER_NUMPY = (
     "import runpy, json, sys\n"
     "def threads(): return int(open('/proc/self/status').read().split('Threads:')[1].split()[0])\n"
