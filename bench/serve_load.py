@@ -1,6 +1,6 @@
 """Serving throughput: single-image PNG /predict against GET /healthz on one gunicorn.
 
-    python bench/serve_load.py [--models-dir DIR] [--connections 8] [--duration 5] [--rounds 3]
+    python bench/serve_load.py [--models-dir DIR] [--connections 8] [--duration 3] [--rounds 7]
 
 Starts one gunicorn with gunicorn.conf.py (the settings `make serve` and the
 image use), drives it with wrk (Lua script for the POST with a PNG body), and
@@ -141,7 +141,7 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, help="serve a random 784-HIDDEN-10 network instead")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--workers", default=os.environ.get("WEB_CONCURRENCY", "2"))
     parser.add_argument("--worker-class", default=os.environ.get("GUNICORN_WORKER_CLASS", "gthread"))
     parser.add_argument("--threads", default=os.environ.get("GUNICORN_THREADS", "4"))
