@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from tests.helpers import ROOT, load_mnist, png_bytes
+from tests.helpers import ROOT, SHIPPED_VERSION, load_mnist, png_bytes
 
 DESKTOP = {"width": 1200, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -33,7 +33,7 @@ def page(request, browser, server):
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
     pg.goto(server.url + "/")
-    pg.wait_for_function("document.getElementById('version').textContent.includes('v1')")
+    pg.wait_for_function(f"document.getElementById('version').textContent.includes('v{SHIPPED_VERSION}')")
     pg.viewport_name = request.param
     yield pg
     context.close()
