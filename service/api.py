@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Config, Request, Response, current_app, g, request
 
 from core.modelstore import parse_version
 from core.preprocess import IMAGE_SIDE, N_INPUTS
@@ -56,12 +56,14 @@ def models() -> Response:
 
 @bp.post("/predict")
 def predict() -> Response:
-    if request.query_string:
+    # Each use of Flask's `request`, `current_app` or `g` proxy is three Python calls: resolve them once.
+    req, app = request._get_current_object(), current_app._get_current_object()
+    if req.query_string:
         version, preprocess = _version_arg(), _preprocess_arg()
     else:  # the common case skips parsing the query string
         version, preprocess = None, True
-    model = _manager().get(version)
-    images, batch = _read_images(preprocess)
+    model = app.extensions["models"].get(version)
+    images, batch = _read_images(req, app.config, preprocess)
     digits, probs = classify(model, images)
     chosen = digits.tolist()
     g.predicted_digits = chosen
@@ -88,17 +90,17 @@ def _preprocess_arg() -> bool:
     return mode == "auto"
 
 
-def _read_images(preprocess: bool) -> tuple[np.ndarray, bool]:
+def _read_images(req: Request, config: Config, preprocess: bool) -> tuple[np.ndarray, bool]:
     """(m, 28, 28) images from the request body, and whether a batch was sent."""
-    mimetype = request.mimetype
-    max_pixels = current_app.config["MAX_IMAGE_PIXELS"]
+    mimetype = req.mimetype
+    max_pixels = config["MAX_IMAGE_PIXELS"]
     if mimetype.startswith("image/") or mimetype in IMAGE_TYPES:
-        data = request.get_data(cache=False)
+        data = req.get_data(cache=False)
         if not data:
             raise ApiError(400, "empty_body", "the request body is empty")
         return imaging.to_mnist(imaging.decode(data, max_pixels), preprocess)[None], False
     if mimetype == "multipart/form-data":
-        files = request.files.getlist("image")
+        files = req.files.getlist("image")
         if not files:
             raise ApiError(400, "missing_image", 'multipart body has no file in the field "image"')
         _check_batch(len(files))
@@ -106,7 +108,7 @@ def _read_images(preprocess: bool) -> tuple[np.ndarray, bool]:
         return np.stack(images), len(images) > 1
     if mimetype in JSON_TYPES or mimetype.endswith("+json"):
         return _read_json(preprocess)
-    if not mimetype and not request.content_length:
+    if not mimetype and not req.content_length:
         raise ApiError(400, "empty_body", "the request body is empty; send an image or JSON")
     raise ApiError(
         415,
