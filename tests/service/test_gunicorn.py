@@ -125,7 +125,8 @@ def test_keep_alive_clients_spread_over_both_workers(gunicorn, models_dir):
             if doc.get("path") == "/predict":
                 served_by[doc["pid"]] = served_by.get(doc["pid"], 0) + 1
     assert sum(served_by.values()) == n_clients * per_client, served_by
-    assert len(served_by) == 2 and min(served_by.values()) >= per_client * 2, served_by
+    # 8/0 and 7/1 splits fail (a lone client finishes its 30 alone); with the cap >= 3 clients start on each.
+    assert len(served_by) == 2 and min(served_by.values()) > per_client * 4 / 3, served_by
 
 
 THREADS_AFTER_NUMPY = (
