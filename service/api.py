@@ -59,7 +59,7 @@ def predict() -> Response:
     # Each use of Flask's `request`, `current_app` or `g` proxy is three Python calls: resolve them once.
     req, app = request._get_current_object(), current_app._get_current_object()
     if req.query_string:
-        version, preprocess = _version_arg(), _preprocess_arg()
+        version, preprocess = _version_arg(req), _preprocess_arg(req)
     else:  # the common case skips parsing the query string
         version, preprocess = None, True
     model = app.extensions["models"].get(version)
@@ -73,8 +73,8 @@ def predict() -> Response:
     return json_response({**prediction(chosen[0], probs[0]), "model": model_ref(model)})
 
 
-def _version_arg() -> int | None:
-    text = request.args.get("version")
+def _version_arg(req: Request) -> int | None:
+    text = req.args.get("version")
     if text is None or text == "":
         return None
     try:
@@ -83,8 +83,8 @@ def _version_arg() -> int | None:
         raise ApiError(400, "invalid_version", f"version must be a positive integer, got {text!r}") from None
 
 
-def _preprocess_arg() -> bool:
-    mode = request.args.get("preprocess", "auto")
+def _preprocess_arg(req: Request) -> bool:
+    mode = req.args.get("preprocess", "auto")
     if mode not in ("auto", "none"):
         raise ApiError(400, "invalid_preprocess", f"preprocess must be 'auto' or 'none', got {mode!r}")
     return mode == "auto"
@@ -103,11 +103,11 @@ def _read_images(req: Request, config: Config, preprocess: bool) -> tuple[np.nda
         files = req.files.getlist("image")
         if not files:
             raise ApiError(400, "missing_image", 'multipart body has no file in the field "image"')
-        _check_batch(len(files))
+        _check_batch(len(files), config)
         images = [imaging.to_mnist(imaging.decode(f.read(), max_pixels), preprocess) for f in files]
         return np.stack(images), len(images) > 1
     if mimetype in JSON_TYPES or mimetype.endswith("+json"):
-        return _read_json(preprocess)
+        return _read_json(req, config, preprocess)
     if not mimetype and not req.content_length:
         raise ApiError(400, "empty_body", "the request body is empty; send an image or JSON")
     raise ApiError(
@@ -118,8 +118,8 @@ def _read_images(req: Request, config: Config, preprocess: bool) -> tuple[np.nda
     )
 
 
-def _check_batch(n: int) -> None:
-    limit = current_app.config["MAX_BATCH"]
+def _check_batch(n: int, config: Config) -> None:
+    limit = config["MAX_BATCH"]
     if n > limit:
         raise ApiError(413, "batch_too_large", f"batch of {n} images exceeds MAX_BATCH={limit}")
 
@@ -128,8 +128,8 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _read_json(preprocess: bool) -> tuple[np.ndarray, bool]:
-    raw = request.get_data(cache=False)
+def _read_json(req: Request, config: Config, preprocess: bool) -> tuple[np.ndarray, bool]:
+    raw = req.get_data(cache=False)
     if not raw:
         raise ApiError(400, "empty_body", "the request body is empty")
     try:
@@ -142,7 +142,7 @@ def _read_json(preprocess: bool) -> tuple[np.ndarray, bool]:
         items = doc["instances"]
         if not isinstance(items, list) or not items:
             raise ApiError(400, "wrong_shape", '"instances" must be a non-empty list of images')
-        _check_batch(len(items))
+        _check_batch(len(items), config)
         batch = True
     else:
         items = [doc["image"]]

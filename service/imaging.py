@@ -108,10 +108,7 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
         if (png := _plain_png(data)) is not None:
             mode, size, stream = png
             _check_size(size, max_pixels)
-            img = Image.frombytes(mode, size, stream, "zip", mode)
-            if mode == "L" and max(size) <= WORK_SIDE:  # already what _to_gray would return
-                return np.frombuffer(img.tobytes(), np.uint8).reshape(size[1], size[0])
-            return _to_gray(img)
+            return _to_gray(Image.frombytes(mode, size, stream, "zip", mode))
         img = Image.open(io.BytesIO(data), formats=_allowed_formats())
         _check_size(img.size, max_pixels)
         img.load()  # an animation opens on its first frame; that frame is what is used
