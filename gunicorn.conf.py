@@ -37,21 +37,36 @@ def _tmp_base() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
+def _int_env(name: str, default: int, minimum: int) -> int:
+    """An integer setting, or a stop that names the variable (not a traceback, not a silent hang:
+    GUNICORN_WORKER_CONNECTIONS=0 would leave every worker refusing to accept)."""
+    text = os.environ.get(name, "")
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise SystemExit(f"gunicorn.conf.py: {name}={text!r}: expected an integer >= {minimum}")
+    return value
+
+
 wsgi_app = "service.wsgi:app"
-bind = [f"0.0.0.0:{os.environ.get('PORT', '8000')}"]
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+bind = [f"0.0.0.0:{_int_env('PORT', 8000, 1)}"]
+workers = _int_env("WEB_CONCURRENCY", 2, 1)
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+threads = _int_env("GUNICORN_THREADS", 4, 1)
 # A gthread worker accepts every connection it can, so keep-alive clients that connect
 # together (a load balancer's pool, a benchmark) can all land on one worker while the other
 # core idles: on this 2-core machine /predict ran at ~620 req/s in such runs, ~1300 otherwise.
 # Holding at most threads+1 connections per worker sends the rest to the other workers, and
 # beyond one parked keep-alive a worker answers "Connection: close", so clients reconnect and
 # spread again. Clients over the total wait in the listen backlog, as with sync workers.
-worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", str(threads + 1)))
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "20"))
-keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
+worker_connections = _int_env("GUNICORN_WORKER_CONNECTIONS", threads + 1, 1)
+timeout = _int_env("GUNICORN_TIMEOUT", 30, 0)
+graceful_timeout = _int_env("GUNICORN_GRACEFUL_TIMEOUT", 20, 0)
+keepalive = _int_env("GUNICORN_KEEPALIVE", 5, 0)
 worker_tmp_dir = _tmp_base()
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "") or None
 errorlog = "-"

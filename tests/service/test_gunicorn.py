@@ -309,3 +309,44 @@ def test_term_finishes_in_flight_requests(gunicorn, models_dir, mnist):
         replies.append(data)
     assert all(r.startswith(b"HTTP/1.1 200") and b'"digit"' in r for r in replies), replies
     assert server.proc.wait(20) == 0
+
+
+BAD_SETTINGS = [
+    ("GUNICORN_WORKER_CONNECTIONS", "0"),
+    ("GUNICORN_WORKER_CONNECTIONS", "many"),
+    ("GUNICORN_THREADS", "-1"),
+    ("WEB_CONCURRENCY", "0"),  # (a non-number there is gunicorn's own error: it reads the variable first)
+    ("PORT", "http"),
+]
+
+
+@pytest.mark.parametrize("name, value", BAD_SETTINGS)
+def test_malformed_gunicorn_setting_stops_the_start_naming_it(name, value):
+    """A worker cap of 0 would start a server that never accepts; a typo would raise a traceback."""
+    cmd = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--check-config"]
+    out = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, name: value}, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode != 0
+    assert f"{name}={value!r}: expected an integer" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+
+
+CONFIG_VALUES = (
+    "import runpy, json\n"
+    "c = runpy.run_path('gunicorn.conf.py')\n"
+    "print(json.dumps([c['threads'], c['worker_connections']]))\n"
+)
+
+
+def test_worker_connection_cap_follows_threads_unless_set():
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GUNICORN_")}
+
+    def settings(**extra: str) -> list[int]:
+        cmd = [sys.executable, "-c", CONFIG_VALUES]
+        out = subprocess.run(cmd, cwd=ROOT, env={**base, **extra}, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    assert settings() == [4, 5]  # threads + 1: one parked keep-alive per worker
+    assert settings(GUNICORN_THREADS="2") == [2, 3]
+    assert settings(GUNICORN_WORKER_CONNECTIONS="50") == [4, 50]
