@@ -1,6 +1,6 @@
 """Serving throughput: single-image PNG /predict against GET /healthz on one gunicorn.
 
-    python bench/serve_load.py [--models-dir DIR] [--connections 8] [--duration 3] [--rounds 7]
+    python bench/serve_load.py [--models-dir DIR] [--connections 8] [--duration 3] [--rounds 7] [--ablation]
 
 Starts one gunicorn with gunicorn.conf.py (the settings `make serve` and the
 image use), drives it with wrk (Lua script for the POST with a PNG body), and
@@ -9,6 +9,10 @@ prints req/s and p50/p99 latency for /predict and /healthz, images/s for
 own ceiling on this machine, so the ratio is the figure that travels between
 machines. Rounds alternate healthz and predict so that noise from other
 processes hits both; medians are reported.
+
+`--ablation` serves `bench/ablation_app.py` instead, the service plus three
+routes that each leave one part of /predict out (the forward pass, the decode,
+everything), and adds them to the rounds: how close any /predict could come.
 
 The model is models/mnist (newest valid version) when there is one, else a
 random-weight 784-100-10 network published to a temp dir: the cost of serving
@@ -41,6 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from core import modelstore, network  # noqa: E402
+
+APPS = {False: "service.wsgi:app", True: "bench.ablation_app:create_ablation_app()"}
+# /predict with one part left out each (bench/ablation_app.py), from most to least work.
+ABLATIONS = ("no-decode", "no-forward", "noop")
 
 LUA = """
 wrk.method = "{method}"
@@ -145,6 +153,9 @@ def main() -> int:
     parser.add_argument("--workers", default=os.environ.get("WEB_CONCURRENCY", "2"))
     parser.add_argument("--worker-class", default=os.environ.get("GUNICORN_WORKER_CLASS", "gthread"))
     parser.add_argument("--threads", default=os.environ.get("GUNICORN_THREADS", "4"))
+    parser.add_argument(
+        "--ablation", action="store_true", help="also time /predict without its parts (bench/ablation_app.py)"
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
@@ -177,7 +188,7 @@ def main() -> int:
         )
         log = open(work / "server.log", "wb")  # noqa: SIM115 - closed with the server
         server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "service.wsgi:app"],
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", APPS[args.ablation]],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -206,19 +217,25 @@ def main() -> int:
             f"wrk: 1 thread, {args.connections} connections, {args.duration:g}s x {args.rounds} rounds; "
             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
         )
-        wrk(url + "/healthz", None, args.connections, 1)  # warm-up
-        wrk(url + "/predict", scripts["predict"], args.connections, 1)
-        runs: dict[str, list[dict]] = {"healthz": [], "predict": [], "batch": []}
-        ratios = []
+        # name -> (path, wrk script): one POSTs the PNG, GET /healthz needs none.
+        endpoints = {"healthz": ("/healthz", None), "predict": ("/predict", scripts["predict"])}
+        if args.ablation:
+            for name in ABLATIONS:
+                endpoints[name] = (f"/ablation/{name}", scripts["predict"])
+        for path, script in endpoints.values():  # warm-up
+            wrk(url + path, script, args.connections, 1)
+        runs: dict[str, list[dict]] = {name: [] for name in [*endpoints, "batch"]}
+        ratios: dict[str, list[float]] = {name: [] for name in endpoints if name != "healthz"}
         for i in range(args.rounds):
-            h = wrk(url + "/healthz", None, args.connections, args.duration)
-            p = wrk(url + "/predict", scripts["predict"], args.connections, args.duration)
-            runs["healthz"].append(h)
-            runs["predict"].append(p)
-            ratios.append(p["rps"] / h["rps"])
+            for name, (path, script) in endpoints.items():
+                runs[name].append(wrk(url + path, script, args.connections, args.duration))
+            for name in ratios:
+                ratios[name].append(runs[name][-1]["rps"] / runs["healthz"][-1]["rps"])
+            h, p = runs["healthz"][-1], runs["predict"][-1]
             print(
                 f"  round {i + 1}: healthz {h['rps']:7.0f} req/s  predict {p['rps']:7.0f} req/s  "
-                f"ratio {ratios[-1]:.2f}  (predict p99 {p['p99']:.2f} ms)"
+                f"ratio {ratios['predict'][-1]:.2f}  (predict p99 {p['p99']:.2f} ms)"
+                + "".join(f"  {name} {ratios[name][-1]:.2f}" for name in ABLATIONS if name in ratios)
             )
         for _ in range(args.rounds):
             runs["batch"].append(
@@ -230,20 +247,24 @@ def main() -> int:
 
         print()
         print(f"{'endpoint':34} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
-        for name, label in (
-            ("healthz", "GET /healthz"),
-            ("predict", "POST /predict (1 PNG, 28x28)"),
-            ("batch", "POST /predict (256 as JSON)"),
-        ):
+        labels = {
+            "healthz": "GET /healthz",
+            "predict": "POST /predict (1 PNG, 28x28)",
+            **{name: f"POST /ablation/{name}" for name in ABLATIONS if name in runs},
+            "batch": "POST /predict (256 as JSON)",
+        }
+        for name, label in labels.items():
             print(f"{label:34} {med(name, 'rps'):9.0f} {med(name, 'p50'):8.2f} {med(name, 'p99'):8.2f}")
             errors = sum(r["non2xx"] for r in runs[name])
             if errors or any(r["socket_errors"] for r in runs[name]):
                 print(f"  !! {errors} non-2xx; socket errors: {[r['socket_errors'] for r in runs[name]]}")
         print(f"batch throughput: {med('batch', 'rps') * 256:.0f} images/s (256-image JSON batches)")
-        print(
-            f"predict/healthz throughput ratio: median {statistics.median(ratios):.2f} "
-            f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}; target >= 0.80)"
-        )
+        for name in ratios:
+            print(
+                f"{name}/healthz throughput ratio: median {statistics.median(ratios[name]):.2f} "
+                f"(rounds: {', '.join(f'{x:.2f}' for x in ratios[name])}"
+                f"{'; target >= 0.80' if name == 'predict' else ''})"
+            )
         p99 = med("predict", "p99")
         print(f"predict p99 at {args.connections} connections: {p99:.2f} ms (target <= 10 ms)")
         return 0
