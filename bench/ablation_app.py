@@ -10,10 +10,10 @@ so how close any /predict could come on this machine:
     POST /ablation/noop        the stack alone: routing, hooks, access log, metrics;
                                the PNG body is sent, and drained by gunicorn
     POST /ablation/no-forward  /predict without the forward pass: body, decode,
-                               28×28 checks, and the JSON of a prediction computed
-                               once per model
+                               28×28 checks, and the answer (JSON, metrics) of a
+                               prediction computed once per model
     POST /ablation/no-decode   /predict without the body: the forward pass of a fixed
-                               digit, and its JSON
+                               digit, and its answer
 
 They reuse /predict's own helpers, so they leave out exactly one part each. They
 live here, not in `service/`: only the benchmark serves them.
@@ -29,7 +29,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 
 from service import api
 from service.app import create_app
-from service.inference import classify, model_ref, prediction
+from service.inference import classify
 
 bp = Blueprint("ablation", __name__, url_prefix="/ablation")
 
@@ -54,8 +54,7 @@ def no_forward() -> Response:
     cache = app.extensions["ablation"]
     if cache.get("model") is not model:  # once per model, not per request
         cache["model"], cache["result"] = model, classify(model, cache["digit"])
-    digits, probs = cache["result"]
-    return api.json_response({**prediction(int(digits[0]), probs[0]), "model": model_ref(model)})
+    return api.predictions_response(model, *cache["result"], batch=False)
 
 
 @bp.post("/no-decode")
@@ -63,7 +62,7 @@ def no_decode() -> Response:
     app = current_app._get_current_object()
     model = app.extensions["models"].get(None)
     digits, probs = classify(model, app.extensions["ablation"]["digit"])
-    return api.json_response({**prediction(int(digits[0]), probs[0]), "model": model_ref(model)})
+    return api.predictions_response(model, digits, probs, batch=False)
 
 
 def create_ablation_app(config: Mapping[str, Any] | None = None) -> Flask:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Config, Request, Response, current_app, g, request
 
-from core.modelstore import parse_version
+from core.modelstore import LoadedModel, parse_version
 from core.preprocess import IMAGE_SIDE, N_INPUTS
 from service import imaging
 from service.errors import ApiError
@@ -65,6 +65,11 @@ def predict() -> Response:
     model = app.extensions["models"].get(version)
     images, batch = _read_images(req, app.config, preprocess)
     digits, probs = classify(model, images)
+    return predictions_response(model, digits, probs, batch)
+
+
+def predictions_response(model: LoadedModel, digits: np.ndarray, probs: np.ndarray, batch: bool) -> Response:
+    """/predict's answer; the digits also go to the metrics (`g.predicted_digits`)."""
     chosen = digits.tolist()
     g.predicted_digits = chosen
     if batch:
