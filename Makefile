@@ -18,7 +18,7 @@ TRAIN_FLAGS := --preset $(PRESET) --data-dir $(DATA_DIR) --models-dir $(MODELS_D
 	$(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) $(TRAIN_ARGS)
 
 .PHONY: help venv data train evaluate serve test e2e browser check lint format bench \
-	bench-train bench-serve up down logs train-docker clean
+	bench-train bench-serve up rollout down logs train-docker clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -80,14 +80,19 @@ bench-serve: venv ## serving throughput: /predict vs /healthz on one gunicorn
 
 bench: bench-train bench-serve ## all benchmarks
 
-up: ## build and start the api in Docker on PORT (waits until healthy)
-	docker compose up -d --build --wait
+up: ## build and start nginx + the api replicas on PORT; when running, a rollout (no failed request)
+	@if [ -n "$$(docker compose ps -q api 2>/dev/null)" ]; then $(MAKE) --no-print-directory rollout; \
+	else docker compose up -d --build --wait; fi
+
+rollout: ## rebuild the api image, then replace the running replicas one at a time
+	docker compose build api
+	deploy/compose/rollout.sh
 
 down: ## stop and remove the containers
 	docker compose --profile train down -v --remove-orphans
 
-logs: ## follow the api's logs
-	docker compose logs -f api
+logs: ## follow nginx's and the api replicas' logs
+	docker compose logs -f nginx api
 
 train-docker: ## train in the trainer container; the running api serves the new version live (PRESET=, EPOCHS=, ...)
 	@if [ -d "$(MNIST_FILES)" ]; then $(MAKE) --no-print-directory data; fi

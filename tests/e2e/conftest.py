@@ -24,10 +24,12 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
@@ -38,6 +40,7 @@ RAW_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 HEALTHY_WITHIN = 120.0
+API_REPLICAS = 2  # docker-compose.yml's default
 TIMINGS = pytest.StashKey[list]()
 
 
@@ -112,7 +115,7 @@ class Stack:
 
     def logs(self, tail: int = 200) -> str:
         proc = subprocess.run(
-            ["docker", "compose", "logs", "--no-color", "--tail", str(tail), "api"],
+            ["docker", "compose", "logs", "--no-color", "--tail", str(tail)],
             cwd=self.repo,
             env=self.env,
             capture_output=True,
@@ -121,32 +124,106 @@ class Stack:
         )
         return proc.stdout + proc.stderr
 
-    def api_container(self) -> str:
-        cid = self.compose("ps", "-q", "api").stdout.strip()
-        assert cid, f"no api container in project {self.project}\n{self.logs()}"
-        return cid
+    def containers(self, service: str | None = None) -> list[str]:
+        """Ids of the project's running containers: one service's, or all (nginx and every api)."""
+        ids = self.compose("ps", "-q", *([service] if service else [])).stdout.split()
+        assert ids, f"no {service or ''} container in project {self.project}\n{self.logs()}"
+        return ids
 
-    def inspect(self, cid: str | None = None) -> dict:
+    def inspect(self, cid: str) -> dict:
         out = subprocess.run(
-            ["docker", "inspect", cid or self.api_container()],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
+            ["docker", "inspect", cid], capture_output=True, text=True, check=True, timeout=60
         )
         return json.loads(out.stdout)[0]
 
-    def wait_healthy(self, within: float = HEALTHY_WITHIN) -> None:
-        """Until the api's Docker healthcheck says healthy; fails with the logs if it does not."""
+    def health(self, cid: str) -> str:
+        state = self.inspect(cid)["State"]
+        return state.get("Health", {}).get("Status", state["Status"])
+
+    def wait_healthy(self, within: float = HEALTHY_WITHIN, replicas: int | None = None) -> None:
+        """Until Docker's healthcheck says healthy for nginx and every api replica (and, given
+        `replicas`, that many api replicas run); fails with the logs if they do not."""
         deadline = time.monotonic() + within
-        status = "unknown"
+        states: dict[str, str] = {}
         while time.monotonic() < deadline:
-            state = self.inspect()["State"]
-            status = state.get("Health", {}).get("Status", state["Status"])
-            if status == "healthy":
+            apis = self.compose("ps", "-q", "api").stdout.split()
+            states = {cid[:12]: self.health(cid) for cid in self.containers()}
+            if set(states.values()) == {"healthy"} and (replicas is None or len(apis) == replicas):
                 return
             time.sleep(0.5)
-        pytest.fail(f"api not healthy within {within:.0f} s (last status {status})\n{self.logs()}")
+        pytest.fail(f"not healthy within {within:.0f} s: {states}\n{self.logs()}")
+
+    def replica_versions(self) -> dict[str, int | None]:
+        """The version each api replica serves, asked of the replica itself (not through nginx)."""
+        code = (
+            "import json, urllib.request as u\n"
+            "print(json.load(u.urlopen('http://127.0.0.1:8000/readyz', timeout=5)).get('model', {})"
+            ".get('version'))"
+        )
+        versions = {}
+        for cid in self.containers("api"):
+            out = subprocess.run(
+                ["docker", "exec", cid, "python", "-c", code],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            versions[cid[:12]] = int(out.stdout) if out.stdout.strip().isdigit() else None
+        return versions
+
+
+@dataclass
+class Clients:
+    """`n` clients, each posting one PNG to /predict in a loop on its own keep-alive connection,
+    recording every outcome: (wall time, status | exception name, model version | None, seconds)."""
+
+    url: str
+    body: bytes
+    n: int = 1
+    pause: float = 0.1
+    timeout: float = 30
+    outcomes: list = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list = field(default_factory=list)
+
+    def __enter__(self) -> Clients:
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.n)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout + 30)
+
+    def _run(self) -> None:
+        with requests.Session() as http:
+            while not self._stop.is_set():
+                t, t0 = time.time(), time.perf_counter()  # wall clock: compared with file mtimes
+                try:
+                    r = http.post(
+                        f"{self.url}/predict",
+                        data=self.body,
+                        headers={"Content-Type": "image/png"},
+                        timeout=self.timeout,
+                    )
+                    version = r.json().get("model", {}).get("version") if r.status_code == 200 else None
+                    self.outcomes.append((t, r.status_code, version, time.perf_counter() - t0))
+                except requests.RequestException as e:
+                    self.outcomes.append((t, type(e).__name__, None, time.perf_counter() - t0))
+                self._stop.wait(self.pause)
+
+    def wait_for(self, n: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.outcomes) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.outcomes) >= n, f"the clients got only {len(self.outcomes)} answers in {timeout} s"
+
+    def failures(self) -> list:
+        return [o for o in self.outcomes if o[1] != 200]
+
+    def p99(self) -> float:
+        seconds = sorted(o[3] for o in self.outcomes)
+        return seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))]
 
 
 def free_port() -> int:
@@ -174,7 +251,8 @@ def timer(request: pytest.FixtureRequest) -> Timer:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, timer: Timer) -> Iterator[Stack]:
-    """The api up and healthy from a fresh clone; `docker compose down -v` whatever happens."""
+    """nginx and the api replicas up and healthy from a fresh clone; `docker compose down -v`
+    whatever happens."""
     setup = SHARED / "tools" / "docker-setup"
     with timer.step("docker-setup"):
         if setup.exists():
@@ -193,7 +271,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, timer: Timer) -> Iterator[St
         k: v
         for k, v in os.environ.items()
         # the developer's shell must not configure the newcomer's stack
-        if k not in ("MODEL_NAME", "MODEL_VERSION", "MODELS_DIR", "DATA_DIR", "WEB_CONCURRENCY")
+        if k not in ("MODEL_NAME", "MODEL_VERSION", "MODELS_DIR", "DATA_DIR", "WEB_CONCURRENCY", "API_REPLICAS")
         and not k.startswith("COMPOSE_")
     }
     port = free_port()
@@ -208,10 +286,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, timer: Timer) -> Iterator[St
     )
     s = Stack(repo, project, port, env, poll)
     try:
-        with timer.step("docker compose up -d --build (api image)"):
+        with timer.step("docker compose up -d --build (nginx + api replicas)"):
             s.compose("up", "-d", "--build", timeout=900)
         with timer.step("up -> healthy"):
-            s.wait_healthy()
+            s.wait_healthy(replicas=API_REPLICAS)
         yield s
     finally:
         with timer.step("docker compose down -v"):
