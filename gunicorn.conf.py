@@ -76,6 +76,13 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
 from service.logs import gunicorn_logconfig  # noqa: E402
 
 logconfig_dict = gunicorn_logconfig()
+
+# One send per response, so that nginx can retry any request a killed replica did not answer
+# (service/gunicorn_response.py); file responses take the same path.
+from service import gunicorn_response  # noqa: E402
+
+gunicorn_response.install()
+sendfile = False
 loglevel = os.environ.get("LOG_LEVEL", "info")
 capture_output = False
 # gunicorn's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl), which
