@@ -56,7 +56,7 @@ serve: venv ## run the service locally under gunicorn on PORT
 	PORT=$(PORT) MODELS_DIR=$(MODELS_DIR) $(VENV)/bin/gunicorn -c gunicorn.conf.py service.wsgi:app
 
 test: venv data ## unit, integration (real gunicorn) and fuzz tests
-	$(PY) -m pytest tests/core tests/trainer tests/service tests/bench $(PYTEST_ARGS)
+	$(PY) -m pytest tests/core tests/trainer tests/service tests/bench tests/deploy $(PYTEST_ARGS)
 
 e2e: venv data ## end-to-end tests against a real Docker engine (docker compose)
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
