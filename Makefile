@@ -18,7 +18,7 @@ TRAIN_FLAGS := --preset $(PRESET) --data-dir $(DATA_DIR) --models-dir $(MODELS_D
 	$(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) $(TRAIN_ARGS)
 
 .PHONY: help venv data train evaluate serve test e2e browser check lint format bench \
-	bench-train bench-serve up rollout down logs train-docker clean
+	bench-train bench-serve bench-front-door up rollout down logs train-docker clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -78,7 +78,10 @@ bench-train: venv data ## training speed: this trainer vs the per-example loop v
 bench-serve: venv ## serving throughput: /predict vs /healthz on one gunicorn
 	$(PY) bench/serve_load.py
 
-bench: bench-train bench-serve ## all benchmarks
+bench-front-door: venv ## PNG /predict through nginx + replicas (docker compose) vs straight to one replica
+	$(PY) -m bench.front_door
+
+bench: bench-train bench-serve bench-front-door ## all benchmarks
 
 up: ## build and start nginx + the api replicas on PORT; when running, a rollout (no failed request)
 	@if [ -n "$$(docker compose ps -q api 2>/dev/null)" ]; then $(MAKE) --no-print-directory rollout; \
