@@ -90,7 +90,9 @@ def main() -> int:
         for i in range(args.rounds):
             for conns in (8, 64):
                 for name, url in (("front door", front), ("direct", direct)):
-                    runs.setdefault((name, conns), []).append(wrk(url + "/predict", script, conns, args.duration))
+                    runs.setdefault((name, conns), []).append(
+                        wrk(url + "/predict", script, conns, args.duration)
+                    )
             line = "  ".join(f"{n} c{c} {r[-1]['rps']:6.0f}" for (n, c), r in runs.items())
             print(f"round {i + 1}: {line} req/s", flush=True)
         shed = [wrk(front + "/predict", script, 256, args.duration) for _ in range(args.rounds)]

@@ -22,9 +22,9 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -271,7 +271,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, timer: Timer) -> Iterator[St
         k: v
         for k, v in os.environ.items()
         # the developer's shell must not configure the newcomer's stack
-        if k not in ("MODEL_NAME", "MODEL_VERSION", "MODELS_DIR", "DATA_DIR", "WEB_CONCURRENCY", "API_REPLICAS")
+        if k
+        not in ("MODEL_NAME", "MODEL_VERSION", "MODELS_DIR", "DATA_DIR", "WEB_CONCURRENCY", "API_REPLICAS")
         and not k.startswith("COMPOSE_")
     }
     port = free_port()

@@ -91,7 +91,9 @@ async def _hold_slow_clients(port: int, seconds: float, opened: list, closed: li
             writer.close()
 
     header = b"GET /healthz HTTP/1.1\r\nHost: slow\r\n"
-    body = b"POST /predict HTTP/1.1\r\nHost: slow\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+    body = (
+        b"POST /predict HTTP/1.1\r\nHost: slow\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+    )
     tasks = [one(i, header, b"X-Slow: 1\r\n") for i in range(SLOW_HEADERS)]
     tasks += [one(SLOW_HEADERS + i, body, b"\x89") for i in range(SLOW_BODIES)]
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -156,7 +158,9 @@ def test_overload_is_answered_at_once_with_503_and_retry_after(
     assert statuses.get(200), "nothing was served"
     assert statuses.get(503), f"{OVERLOAD_CLIENTS} clients were not enough to shed any request: {statuses}"
     assert set(statuses) <= {200, 429, 503}, statuses
-    assert result["bad"] == 0, f"{result['bad']} non-200s without JSON or Retry-After, e.g. {result['example']}"
+    assert result["bad"] == 0, (
+        f"{result['bad']} non-200s without JSON or Retry-After, e.g. {result['example']}"
+    )
     assert result["p99_us"] <= OVERLOAD_P99 * 1e6, result
     # What a client sees, in full.
     r = requests.get(f"{stack.url}/readyz", timeout=10)

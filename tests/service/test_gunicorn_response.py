@@ -33,7 +33,9 @@ def respond(method: str, status: str, headers: list[tuple[str, str]], body: list
 
 def test_headers_and_body_leave_in_one_send() -> None:
     body = b'{"digit":7}'
-    sends = respond("POST", "200 OK", [("Content-Type", "application/json"), ("Content-Length", "11")], [body])
+    sends = respond(
+        "POST", "200 OK", [("Content-Type", "application/json"), ("Content-Length", "11")], [body]
+    )
     assert len(sends) == 1
     head, sent_body = sends[0].split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 11" in head
