@@ -105,9 +105,9 @@ def main() -> int:
             bad = sum(r["non2xx"] for r in rs)
             print(f"{name:12} {conns:5} {med['rps']:8.0f} {med['p50']:8.2f} {med['p99']:8.2f} {bad:8}")
         rates = [r["non2xx"] / max(1.0, r["rps"] * args.duration) for r in shed]
+        med = {k: statistics.median(r[k] for r in shed) for k in ("rps", "p50", "p99")}
         print(
-            f"{'front door':12} {256:5} {statistics.median(r['rps'] for r in shed):8.0f} "
-            f"{statistics.median(r['p50'] for r in shed):8.2f} {statistics.median(r['p99'] for r in shed):8.2f}"
+            f"{'front door':12} {256:5} {med['rps']:8.0f} {med['p50']:8.2f} {med['p99']:8.2f}"
             f"   shed rate (503) {statistics.median(rates):.0%}"
         )
         errors = [r["socket_errors"] for rs in [*runs.values(), shed] for r in rs if r["socket_errors"]]
