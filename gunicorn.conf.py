@@ -55,7 +55,7 @@ def _int_env(name: str, default: int, minimum: int) -> int:
 wsgi_app = "service.wsgi:app"
 bind = [f"0.0.0.0:{_int_env('PORT', 8000, 1)}"]
 workers = _int_env("WEB_CONCURRENCY", 2, 1)
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS") or "gthread"
 threads = _int_env("GUNICORN_THREADS", 4, 1)
 # A gthread worker accepts every connection it can, so keep-alive clients that connect
 # together (a load balancer's pool, a benchmark) can all land on one worker while the other
