@@ -251,13 +251,14 @@ def test_trainer_container_publishes_a_version_served_live(stack: Stack, test_se
 
     status = requests.get(f"{stack.url}/models", timeout=10).json()
     assert status["serving"] == new, status
+    assert set(stack.replica_versions().values()) == {new}, "a replica did not switch"
     assert new in [v["version"] for v in status["versions"]], status
     failures = [o for o in client.outcomes if o[1] != 200]
     assert not failures, f"{len(failures)} failed requests during the switch: {failures[:5]}"
     late_old = [o for o in client.outcomes if o[0] > deadline and o[2] != new]
     assert not late_old, f"answers from version {old} after the poll interval: {late_old[:5]}"
     first_new = min(o[0] for o in client.outcomes if o[2] == new)
-    assert started(stack) == before, "the api container restarted"
+    assert started(stack) == before, "an api container restarted"
     timer.note(
         f"{len(client.outcomes)} requests while training and switching, 0 failed; first answer from "
         f"version {new} {first_new - published:.1f} s after it was published (poll interval "
