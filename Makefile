@@ -23,10 +23,11 @@ TRAIN_FLAGS := --preset $(PRESET) --data-dir $(DATA_DIR) --models-dir $(MODELS_D
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: requirements/service.txt requirements/trainer.txt requirements/dev.txt
+$(VENV)/.installed: requirements/service.txt requirements/trainer.txt requirements/dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt
+	$(PY) -m pip install -q -e .
 	touch $@
 
 venv: $(VENV)/.installed ## create the virtualenv with every pinned dependency

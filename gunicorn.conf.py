@@ -24,11 +24,14 @@ the workers themselves already use the cores.
 
 import os
 import shutil
-import sys
 import tempfile
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# gunicorn puts its working directory (--chdir, default the current one) on sys.path before it
+# reads this file, so the project's packages import here as they do in the image's /app.
+from core.threads import pin_blas_threads
+from service.logs import gunicorn_logconfig
+
+pin_blas_threads(1)
 
 
 def _tmp_base() -> str | None:
@@ -71,10 +74,6 @@ worker_tmp_dir = _tmp_base()
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "") or None
 errorlog = "-"
 # gunicorn's own lines as JSON too, through the app's formatter (LOG_FORMAT=text for humans).
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from service.logs import gunicorn_logconfig  # noqa: E402
-
 logconfig_dict = gunicorn_logconfig()
 loglevel = os.environ.get("LOG_LEVEL", "info")
 capture_output = False
