@@ -25,13 +25,14 @@ def test_app_lines_inside_a_request_carry_its_id(app):
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logs.JsonFormatter())
+    handler.addFilter(logs.RequestIdFilter())
     log = logging.getLogger("test.extras")
     log.addHandler(handler)
     try:
 
         @app.get("/_log_probe")
         def probe():
-            log.warning("inside %s", "request", extra={"fields": {"k": 1}})
+            log.warning("inside %s", "request", extra={"k": 1})
             try:
                 1 / 0  # noqa: B018
             except ZeroDivisionError:
@@ -47,14 +48,26 @@ def test_app_lines_inside_a_request_carry_its_id(app):
     assert "ZeroDivisionError" in second["exception"]
 
 
-def test_access_line_shapes():
-    out = io.StringIO()
-    logs.AccessLog(out).write("GET", "/x", 200, {"request_id": "r", "status": 200})
-    doc = json.loads(out.getvalue())
-    assert doc["logger"] == "access" and doc["message"] == "GET /x 200" and doc["request_id"] == "r"
-    text = io.StringIO()
-    logs.AccessLog(text, text=True).write("GET", "/x", 404, {})
-    assert text.getvalue().rstrip().endswith("access: GET /x 404") and not text.getvalue().startswith("{")
+def _access_line(app, formatter: logging.Formatter, url: str, **headers: str) -> str:
+    """What the stdout handler writes for the access record of one request, through `formatter`."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    handler.addFilter(logs.RequestIdFilter())
+    logs.access_log.addHandler(handler)
+    try:
+        app.test_client().get(url, headers=headers)
+    finally:
+        logs.access_log.removeHandler(handler)
+    return stream.getvalue()
+
+
+def test_access_line_shapes(app):
+    doc = json.loads(_access_line(app, logs.JsonFormatter(), "/x", **{"X-Request-ID": "r"}))
+    assert doc["logger"] == "access" and doc["message"] == "GET /x 404" and doc["request_id"] == "r"
+    assert {"ts", "level", "pid", "method", "path", "status", "duration_ms", "bytes", "remote"} <= set(doc)
+    text = _access_line(app, logging.Formatter(logs.TEXT_FORMAT), "/x")
+    assert text.rstrip().endswith("access: GET /x 404") and not text.startswith("{")
 
 
 def test_gunicorn_logconfig_is_a_valid_dictconfig(monkeypatch):
