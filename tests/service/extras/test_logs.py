@@ -6,7 +6,10 @@ import io
 import json
 import logging
 
+import pytest
+
 from service import logs
+from service.app import create_app
 
 
 def test_request_id_is_echoed_or_generated(client):
@@ -86,3 +89,16 @@ def test_gunicorn_logconfig_is_a_valid_dictconfig(monkeypatch):
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+@pytest.mark.parametrize("hops", [0, 1])
+def test_access_line_remote_is_the_client_behind_trusted_proxies(models_dir, hops):
+    """Behind nginx (TRUSTED_PROXIES=1) the client is the X-Forwarded-For address; with 0 the header
+    is not trusted, so a client cannot pick the address its requests are logged under."""
+    app = create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0, "TRUSTED_PROXIES": hops})
+    forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    doc = json.loads(_access_line(app, logs.JsonFormatter(), "/healthz", **forwarded))
+    if hops:
+        assert doc["remote"] == "203.0.113.7"
+    else:
+        assert doc["remote"] != "203.0.113.7"
