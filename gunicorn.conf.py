@@ -62,7 +62,7 @@ worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
 threads = _int_env("GUNICORN_THREADS", 4, 1)
 # A gthread worker accepts every connection it can, so keep-alive clients that connect
 # together (a load balancer's pool, a benchmark) can all land on one worker while the other
-# core idles: on this 2-core machine /predict ran at ~620 req/s in such runs, ~1300 otherwise.
+# core idles: with 2 workers on 2 cores /predict ran at ~620 req/s in such runs, ~1300 otherwise.
 # Holding at most threads+1 connections per worker sends the rest to the other workers, and
 # beyond one parked keep-alive a worker answers "Connection: close", so clients reconnect and
 # spread again. Clients over the total wait in the listen backlog, as with sync workers.

@@ -5,7 +5,7 @@
 
 The throughput target compares /predict with /healthz. These routes show, on
 the same server, under the same load, what each part of /predict costs, and
-so how close any /predict could come on this machine:
+so how close any /predict could come on that server:
 
     POST /ablation/noop        the stack alone: routing, hooks, access log, metrics;
                                the PNG body is sent, and drained by gunicorn

@@ -85,8 +85,8 @@ def train_quickly(
     """A small 784-hidden-10 softmax network by plain minibatch SGD through core.network.backprop,
     in seconds: real enough that recognising digits is a real test, without the trainer (torch).
 
-    `seconds` bounds the time rather than the epochs (the machine is shared), but never stops
-    before half an epoch."""
+    `seconds` bounds the time rather than the epochs (on a busy host an epoch takes much
+    longer), but never stops before half an epoch."""
     rng = np.random.default_rng(0)
     net = network.new_network([784, hidden, 10], [activation, "softmax"], "cross_entropy", rng, init=init)
     x = to_vectors(images)
@@ -94,7 +94,7 @@ def train_quickly(
     batch = 100
     deadline = None if seconds is None else time.monotonic() + seconds
     seen = 0
-    # One BLAS thread: small matrices on a shared 2-core box run 15x slower oversubscribed.
+    # One BLAS thread: small matrices run up to 15x slower when BLAS threads oversubscribe the cores.
     with threadpool_limits(1):
         for _ in range(epochs):
             order = rng.permutation(len(x))
