@@ -118,7 +118,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.before_request(_start_clock)
 
     errors.init_app(app)
-    logs.init_app(app)  # before the metrics, so every line they may log has a request id
+    logs.init_app(app)  # request ids and the access line
     metrics.init_app(app)  # reads the model manager to initialise the gauges
     openapi.init_app(app)
     app.register_blueprint(api.bp)
