@@ -29,9 +29,10 @@ import tempfile
 # gunicorn puts its working directory (--chdir, default the current one) on sys.path before it
 # reads this file, so the project's packages import here as they do in the image's /app.
 from core.threads import pin_blas_threads
-from service.logs import gunicorn_logconfig
 
 pin_blas_threads(1)
+
+from service.logs import gunicorn_logconfig  # noqa: E402 - after the thread settings
 
 
 def _tmp_base() -> str | None:
