@@ -12,21 +12,23 @@ PORT ?= 8000
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-TRAIN_FLAGS := --preset $(PRESET) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) \
+# The trainer's flags, for `train` and `train-docker` alike (the container has its own paths).
+TRAIN_FLAGS := --preset $(PRESET) \
 	$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
 	$(if $(LR),--lr $(LR)) $(if $(SEED),--seed $(SEED)) $(if $(SIZES),--sizes $(SIZES)) \
 	$(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) $(TRAIN_ARGS)
 
-.PHONY: help venv data train evaluate serve test e2e browser check lint format bench \
+.PHONY: help venv data train evaluate serve test e2e browser lint format bench \
 	bench-train bench-serve bench-front-door up rollout down logs train-docker clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: requirements/service.txt requirements/trainer.txt requirements/dev.txt
+$(VENV)/.installed: requirements/service.txt requirements/trainer.txt requirements/dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt
+	$(PY) -m pip install -q -e .
 	touch $@
 
 venv: $(VENV)/.installed ## create the virtualenv with every pinned dependency
@@ -47,7 +49,7 @@ data: $(DATA_DIR)/MNIST/raw/t10k-labels-idx1-ubyte ## MNIST into DATA_DIR/MNIST/
 
 train: venv ## train and publish a new version (PRESET=best|seed, EPOCHS=, LR=, SEED=, TRAIN_ARGS=)
 	@if [ -d "$(MNIST_FILES)" ]; then $(MAKE) --no-print-directory data; fi
-	$(PY) -m trainer train $(TRAIN_FLAGS)
+	$(PY) -m trainer train --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(TRAIN_FLAGS)
 
 evaluate: venv ## re-score a published model on the test set (VERSION=N, default newest)
 	$(PY) -m trainer evaluate --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(VERSION),--version $(VERSION))
@@ -101,10 +103,7 @@ train-docker: ## train in the trainer container; the running api serves the new 
 	@if [ -d "$(MNIST_FILES)" ]; then $(MAKE) --no-print-directory data; fi
 	mkdir -p $(DATA_DIR)
 	HOST_UID=$$(id -u) HOST_GID=$$(id -g) DATA_DIR=$(abspath $(DATA_DIR)) \
-	docker compose --profile train run --rm trainer train --preset $(PRESET) \
-		$(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
-		$(if $(LR),--lr $(LR)) $(if $(SEED),--seed $(SEED)) $(if $(SIZES),--sizes $(SIZES)) \
-		$(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) $(TRAIN_ARGS)
+	docker compose --profile train run --rm trainer train $(TRAIN_FLAGS)
 
 clean: ## remove caches (keeps the venv, data and models)
 	rm -rf .pytest_cache .ruff_cache .hypothesis artifacts

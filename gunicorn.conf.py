@@ -24,11 +24,15 @@ the workers themselves already use the cores.
 
 import os
 import shutil
-import sys
 import tempfile
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# gunicorn puts its working directory (--chdir, default the current one) on sys.path before it
+# reads this file, so the project's packages import here as they do in the image's /app.
+from core.threads import pin_blas_threads
+
+pin_blas_threads(1)
+
+from service.logs import gunicorn_logconfig  # noqa: E402 - after the thread settings
 
 
 def _tmp_base() -> str | None:
@@ -59,7 +63,7 @@ worker_class = os.environ.get("GUNICORN_WORKER_CLASS") or "gthread"
 threads = _int_env("GUNICORN_THREADS", 4, 1)
 # A gthread worker accepts every connection it can, so keep-alive clients that connect
 # together (a load balancer's pool, a benchmark) can all land on one worker while the other
-# core idles: on this 2-core machine /predict ran at ~620 req/s in such runs, ~1300 otherwise.
+# core idles: with 2 workers on 2 cores /predict ran at ~620 req/s in such runs, ~1300 otherwise.
 # Holding at most threads+1 connections per worker sends the rest to the other workers, and
 # beyond one parked keep-alive a worker answers "Connection: close", so clients reconnect and
 # spread again. Clients over the total wait in the listen backlog, as with sync workers.
@@ -71,10 +75,6 @@ worker_tmp_dir = _tmp_base()
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "") or None
 errorlog = "-"
 # gunicorn's own lines as JSON too, through the app's formatter (LOG_FORMAT=text for humans).
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from service.logs import gunicorn_logconfig  # noqa: E402
-
 logconfig_dict = gunicorn_logconfig()
 
 # One send per response, so that nginx can retry any request a killed replica did not answer

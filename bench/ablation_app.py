@@ -5,7 +5,7 @@
 
 The throughput target compares /predict with /healthz. These routes show, on
 the same server, under the same load, what each part of /predict costs, and
-so how close any /predict could come on this machine:
+so how close any /predict could come on that server:
 
     POST /ablation/noop        the stack alone: routing, hooks, access log, metrics;
                                the PNG body is sent, and drained by gunicorn
@@ -29,6 +29,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 
 from service import api
 from service.app import create_app
+from service.errors import json_response
 from service.inference import classify
 
 bp = Blueprint("ablation", __name__, url_prefix="/ablation")
@@ -43,15 +44,14 @@ def _fixed_digit() -> np.ndarray:
 
 @bp.post("/noop")
 def noop() -> Response:
-    return api.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 @bp.post("/no-forward")
 def no_forward() -> Response:
-    req, app = request._get_current_object(), current_app._get_current_object()
-    model = app.extensions["models"].get(None)
-    api._read_images(req, app.config, True)
-    cache = app.extensions["ablation"]
+    model = current_app.extensions["models"].get(None)
+    api._read_images(request, current_app.config, True)
+    cache = current_app.extensions["ablation"]
     if cache.get("model") is not model:  # once per model, not per request
         cache["model"], cache["result"] = model, classify(model, cache["digit"])
     return api.predictions_response(model, *cache["result"], batch=False)
@@ -59,9 +59,8 @@ def no_forward() -> Response:
 
 @bp.post("/no-decode")
 def no_decode() -> Response:
-    app = current_app._get_current_object()
-    model = app.extensions["models"].get(None)
-    digits, probs = classify(model, app.extensions["ablation"]["digit"])
+    model = current_app.extensions["models"].get(None)
+    digits, probs = classify(model, current_app.extensions["ablation"]["digit"])
     return api.predictions_response(model, digits, probs, batch=False)
 
 

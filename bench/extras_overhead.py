@@ -2,13 +2,14 @@
 
     python bench/extras_overhead.py [--models-dir models] [--rounds 15] [--requests 300]
 
-Builds three apps from the same model, in the same process: without the extras
-(`service.extensions.init_app` skipped), with them but `ACCESS_LOG=0`, and as
-served. Rounds alternate between the three, so noise from other processes
-hits all of them; it prints the median CPU time per request for GET /healthz
-and a single-image PNG POST /predict through Flask's test client, and each
-variant's ratio to the bare app. stdout goes to /dev/null while measuring,
-as the access lines would go to a pipe.
+Builds three apps from the same model, in the same process: without the
+per-request hooks (`service.logs.init_app` and `service.metrics.init_app`
+skipped), with them but `ACCESS_LOG=0`, and as served. Rounds alternate
+between the three, so noise from other processes hits all of them; it prints
+the median CPU time per request for GET /healthz and a single-image PNG POST
+/predict through Flask's test client, and each variant's ratio to the bare
+app. stdout goes to /dev/null while measuring, as the access lines would go
+to a pipe.
 
 The figure that matters for serving is the difference in microseconds: the
 hooks cost the same on every route, so they do not lower /predict relative
@@ -19,31 +20,29 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
+from unittest import mock
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+from core.threads import pin_blas_threads
+
+pin_blas_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from service import extensions  # noqa: E402
+from service import logs, metrics  # noqa: E402
 from service.app import create_app  # noqa: E402
 
 
 def build(models_dir: str) -> dict:
     cfg = {"MODELS_DIR": models_dir, "MODEL_POLL_SECONDS": 0}
-    real = extensions.init_app
-    extensions.init_app = lambda app: None
-    try:
+    with mock.patch.object(logs, "init_app"), mock.patch.object(metrics, "init_app"):
         bare = create_app(cfg)
-    finally:
-        extensions.init_app = real
     os.environ["ACCESS_LOG"] = "0"
     try:
         no_access = create_app(cfg)
@@ -70,18 +69,20 @@ def main() -> None:
         "predict": lambda c: c.post("/predict", data=png, content_type="image/png"),
     }
     times = {(name, route): [] for name in clients for route in calls}
-    out, sys.stdout = sys.stdout, open(os.devnull, "w")  # noqa: SIM115 - restored below
-    try:
-        for _ in range(args.rounds):
-            for name, client in clients.items():
-                for route, call in calls.items():
-                    t0 = time.process_time()
-                    for _ in range(args.requests):
-                        call(client)
-                    times[name, route].append((time.process_time() - t0) / args.requests * 1e6)
-    finally:
-        sys.stdout.close()
-        sys.stdout = out
+    # The log lines go through the root logger's stdout handler: point it at /dev/null meanwhile.
+    handler = next(h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler))
+    with open(os.devnull, "w") as devnull:
+        previous = handler.setStream(devnull)
+        try:
+            for _ in range(args.rounds):
+                for name, client in clients.items():
+                    for route, call in calls.items():
+                        t0 = time.process_time()
+                        for _ in range(args.requests):
+                            call(client)
+                        times[name, route].append((time.process_time() - t0) / args.requests * 1e6)
+        finally:
+            handler.setStream(previous)
 
     med = {key: statistics.median(v) for key, v in times.items()}
     print(f"median CPU µs per request, {args.rounds} rounds x {args.requests} requests, Flask test client")

@@ -35,14 +35,14 @@ import tempfile
 import time
 from pathlib import Path
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # as in the workers
-    os.environ.setdefault(_var, "1")
+from core.threads import pin_blas_threads
+
+pin_blas_threads(1)  # as in the workers
 
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from core import modelstore, network  # noqa: E402
 

@@ -20,16 +20,14 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
+
+from core.threads import pin_blas_threads
 
 # The same BLAS thread count as `python -m trainer` (TRAINER_THREADS, default 1), set before numpy loads;
 # PyTorch is then given the same count.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, os.environ.get("TRAINER_THREADS", "1"))
+pin_blas_threads(os.environ.get("TRAINER_THREADS", "1"))
 
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.network import new_network, one_hot, predict  # noqa: E402
 from core.preprocess import to_vectors  # noqa: E402

@@ -36,30 +36,52 @@ Array = np.ndarray
 
 @dataclass(frozen=True)
 class Activation:
-    """σ and its derivative.
+    """σ, and ∂C/∂z from ∂C/∂a through it (the Jacobian of σ, transposed, times ∂C/∂a).
 
-    `prime` receives both z and a = σ(z) because the cheap form of most
-    derivatives is written in terms of a (σ' = a(1 - a), tanh' = 1 - a²).
-    `elementwise` is False only for softmax, whose Jacobian is not diagonal,
-    so ∇_a C ⊙ σ'(z) does not apply and `vjp` is used instead.
+    Each comes twice: as pure functions, the reference maths that backprop and
+    the service use, and in place into preallocated buffers, for the fused step
+    of `trainer.sgd`; the tests check that both give the same updates. The
+    derivatives are written in terms of a = σ(z) where that is the cheap form
+    (σ' = a(1 - a), tanh' = 1 - a²). `elementwise` is False only for softmax,
+    whose Jacobian is not diagonal; such an activation may only be the output.
+    Adding an activation means adding one entry to ACTIVATIONS.
     """
 
     name: str
-    fn: Callable[[Array], Array]
-    prime: Callable[[Array, Array], Array]
+    fn: Callable[[Array], Array]  # z -> σ(z)
+    vjp: Callable[[Array, Array, Array], Array]  # (z, a, ∂C/∂a) -> ∂C/∂z
+    fn_inplace: Callable[[Array, Array], None]  # (z, row): z <- σ(z); row is (1, m) scratch
+    vjp_inplace: Callable[[Array, Array, Array, Array, Array], None]  # (a, δ, tmp, mask, row): δ <- ∂C/∂z
     elementwise: bool = True
-
-    def vjp(self, z: Array, a: Array, grad_a: Array) -> Array:
-        """∂C/∂z given ∂C/∂a: the Jacobian of σ, transposed, times grad_a."""
-        if self.elementwise:
-            return grad_a * self.prime(z, a)
-        # softmax: J = diag(a) - a aᵀ per column, so Jᵀg = a ⊙ (g - aᵀg).
-        return a * (grad_a - np.sum(a * grad_a, axis=0, keepdims=True))
 
 
 def _sigmoid(z: Array) -> Array:
     # 1/(1+e^{-z}) overflows for z << 0; the tanh form is exact and stable.
     return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def _sigmoid_inplace(z: Array, row: Array) -> None:
+    z *= 0.5
+    np.tanh(z, out=z)
+    z += 1.0
+    z *= 0.5
+
+
+def _sigmoid_vjp_inplace(a: Array, delta: Array, tmp: Array, mask: Array, row: Array) -> None:
+    np.subtract(1.0, a, out=tmp)
+    tmp *= a
+    delta *= tmp
+
+
+def _tanh_vjp_inplace(a: Array, delta: Array, tmp: Array, mask: Array, row: Array) -> None:
+    np.multiply(a, a, out=tmp)
+    np.subtract(1.0, tmp, out=tmp)
+    delta *= tmp
+
+
+def _relu_vjp_inplace(a: Array, delta: Array, tmp: Array, mask: Array, row: Array) -> None:
+    np.greater(a, 0.0, out=mask)  # a > 0 exactly where z > 0
+    delta *= mask
 
 
 def _softmax(z: Array) -> Array:
@@ -68,14 +90,59 @@ def _softmax(z: Array) -> Array:
     return e
 
 
+def _softmax_vjp(z: Array, a: Array, grad_a: Array) -> Array:
+    # J = diag(a) - a aᵀ per column, so Jᵀg = a ⊙ (g - aᵀg).
+    return a * (grad_a - np.sum(a * grad_a, axis=0, keepdims=True))
+
+
+def _softmax_inplace(z: Array, row: Array) -> None:
+    np.max(z, axis=0, keepdims=True, out=row)
+    z -= row
+    np.exp(z, out=z)
+    np.sum(z, axis=0, keepdims=True, out=row)
+    z /= row
+
+
+def _softmax_vjp_inplace(a: Array, delta: Array, tmp: Array, mask: Array, row: Array) -> None:
+    np.multiply(a, delta, out=tmp)
+    np.sum(tmp, axis=0, keepdims=True, out=row)
+    delta -= row
+    delta *= a
+
+
 ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation("sigmoid", _sigmoid, lambda z, a: a * (1.0 - a)),
-    "tanh": Activation("tanh", np.tanh, lambda z, a: 1.0 - a * a),
-    "relu": Activation("relu", lambda z: np.maximum(z, 0.0), lambda z, a: (z > 0).astype(z.dtype)),
-    "softmax": Activation("softmax", _softmax, lambda z, a: a * (1.0 - a), elementwise=False),
+    "sigmoid": Activation(
+        "sigmoid",
+        fn=_sigmoid,
+        vjp=lambda z, a, g: g * (a * (1.0 - a)),
+        fn_inplace=_sigmoid_inplace,
+        vjp_inplace=_sigmoid_vjp_inplace,
+    ),
+    "tanh": Activation(
+        "tanh",
+        fn=np.tanh,
+        vjp=lambda z, a, g: g * (1.0 - a * a),
+        fn_inplace=lambda z, row: np.tanh(z, out=z),
+        vjp_inplace=_tanh_vjp_inplace,
+    ),
+    "relu": Activation(
+        "relu",
+        fn=lambda z: np.maximum(z, 0.0),
+        vjp=lambda z, a, g: g * (z > 0).astype(z.dtype),
+        fn_inplace=lambda z, row: np.maximum(z, 0.0, out=z),
+        vjp_inplace=_relu_vjp_inplace,
+    ),
+    "softmax": Activation(
+        "softmax",
+        fn=_softmax,
+        vjp=_softmax_vjp,
+        fn_inplace=_softmax_inplace,
+        vjp_inplace=_softmax_vjp_inplace,
+        elementwise=False,
+    ),
 }
-HIDDEN_ACTIVATIONS = ("sigmoid", "tanh", "relu")
-OUTPUT_ACTIVATIONS = ("sigmoid", "tanh", "relu", "softmax")
+HIDDEN_ACTIVATIONS = tuple(name for name, act in ACTIVATIONS.items() if act.elementwise)
+OUTPUT_ACTIVATIONS = tuple(ACTIVATIONS)
 
 
 # --- costs -------------------------------------------------------------------
@@ -83,11 +150,15 @@ OUTPUT_ACTIVATIONS = ("sigmoid", "tanh", "relu", "softmax")
 
 @dataclass(frozen=True)
 class Cost:
-    """C(a, y) summed over the columns of a batch, and ∇_a C per column."""
+    """C(a, y) summed over the columns of a batch, and ∇_a C per column.
+
+    `grad_a` is None for the cross-entropy: with the sigmoid or softmax output
+    it is paired with, σ' cancels and δ^L is a - y, which `output_delta` uses.
+    """
 
     name: str
     fn: Callable[[Array, Array, str], float]
-    grad_a: Callable[[Array, Array], Array]
+    grad_a: Callable[[Array, Array], Array] | None
 
 
 def _quadratic(a: Array, y: Array, output: str) -> float:
@@ -103,14 +174,9 @@ def _cross_entropy(a: Array, y: Array, output: str) -> float:
         return float(-np.sum(np.nan_to_num(y * np.log(a) + (1 - y) * np.log(1 - a))))
 
 
-def _cross_entropy_grad(a: Array, y: Array) -> Array:
-    # Only used for the Bernoulli form; the softmax pairing never gets here.
-    return (a - y) / (a * (1.0 - a))
-
-
 COSTS: dict[str, Cost] = {
     "quadratic": Cost("quadratic", _quadratic, lambda a, y: a - y),
-    "cross_entropy": Cost("cross_entropy", _cross_entropy, _cross_entropy_grad),
+    "cross_entropy": Cost("cross_entropy", _cross_entropy, None),
 }
 
 
@@ -223,10 +289,10 @@ def predict(net: Network, x: Array) -> Array:
 
 def output_delta(net: Network, z: Array, a: Array, y: Array) -> Array:
     """δ^L = ∇_a C ⊙ σ'(z^L), or a - y where the cross-entropy cancels σ'."""
-    if net.cost == "cross_entropy":
+    grad_a = COSTS[net.cost].grad_a
+    if grad_a is None:
         return a - y
-    act = ACTIVATIONS[net.activations[-1]]
-    return act.vjp(z, a, COSTS[net.cost].grad_a(a, y))
+    return ACTIVATIONS[net.activations[-1]].vjp(z, a, grad_a(a, y))
 
 
 def backprop(net: Network, x: Array, y: Array) -> tuple[list[Array], list[Array]]:

@@ -8,7 +8,6 @@ model choice in `service.models`.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import numpy as np
 from flask import Blueprint, Config, Request, Response, current_app, g, request
@@ -16,7 +15,7 @@ from flask import Blueprint, Config, Request, Response, current_app, g, request
 from core.modelstore import LoadedModel, parse_version
 from core.preprocess import IMAGE_SIDE, N_INPUTS
 from service import imaging
-from service.errors import ApiError
+from service.errors import ApiError, error_response, json_response
 from service.inference import classify, model_ref, prediction
 from service.models import ModelManager
 
@@ -24,11 +23,6 @@ bp = Blueprint("api", __name__)
 
 IMAGE_TYPES = ("application/octet-stream",)
 JSON_TYPES = ("application/json",)
-
-
-def json_response(obj: Any, status: int = 200) -> Response:
-    """Compact JSON without Flask's key sorting: cheaper on the hot path."""
-    return Response(json.dumps(obj, separators=(",", ":")), status=status, mimetype="application/json")
 
 
 def _manager() -> ModelManager:
@@ -45,7 +39,7 @@ def readyz() -> Response:
     manager = _manager()
     model = manager.current()
     if model is None:
-        return json_response({"error": {"code": "not_ready", "message": manager.unready_reason()}}, 503)
+        return error_response(503, "not_ready", manager.unready_reason())
     return json_response({"status": "ready", "model": model_ref(model)})
 
 
@@ -56,14 +50,9 @@ def models() -> Response:
 
 @bp.post("/predict")
 def predict() -> Response:
-    # Each use of Flask's `request`, `current_app` or `g` proxy is three Python calls: resolve them once.
-    req, app = request._get_current_object(), current_app._get_current_object()
-    if req.query_string:
-        version, preprocess = _version_arg(req), _preprocess_arg(req)
-    else:  # the common case skips parsing the query string
-        version, preprocess = None, True
-    model = app.extensions["models"].get(version)
-    images, batch = _read_images(req, app.config, preprocess)
+    version, preprocess = _version_arg(request), _preprocess_arg(request)
+    model = _manager().get(version)
+    images, batch = _read_images(request, current_app.config, preprocess)
     digits, probs = classify(model, images)
     return predictions_response(model, digits, probs, batch)
 
@@ -152,8 +141,7 @@ def _read_json(req: Request, config: Config, preprocess: bool) -> tuple[np.ndarr
     else:
         items = [doc["image"]]
         batch = False
-    if b"true" in raw or b"false" in raw:  # numpy would quietly read booleans as 1 and 0
-        _reject_booleans(items)
+    _reject_booleans(items)  # numpy would quietly read booleans as 1 and 0
     images = _as_images(items)
     return np.stack([imaging.to_mnist(a, preprocess) for a in images]), batch
 

@@ -1,4 +1,4 @@
-"""The application factory: configuration from the environment, then the parts wired together.
+"""The application factory: configuration from the environment, then every part wired in one place.
 
 Configuration (environment variable, default):
 
@@ -10,21 +10,28 @@ Configuration (environment variable, default):
     MAX_CONTENT_LENGTH  4194304      largest request body in bytes, 4 MiB (413 beyond)
     MAX_IMAGE_PIXELS    16000000     largest decoded image, width × height (413 beyond):
                                      a 4 MiB PNG can declare gigapixels (a decompression bomb)
+    TRUSTED_PROXIES     0            reverse proxies in front (e.g. 1 behind nginx): the client
+                                     address (request.remote_addr, the access log's `remote`) and
+                                     scheme come from the last N X-Forwarded-For / -Proto hops;
+                                     0 trusts no such header
 
-`create_app(config)` takes overrides for any of these (the tests use it).
+`create_app(config)` takes overrides for any of these (the tests use it). Logging
+is configured by environment variables of its own (see `service.logs`).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import time
 from collections.abc import Mapping
 from typing import IO, Any
 
-from flask import Flask, Request
+from flask import Flask, Request, g
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from core.modelstore import parse_version
-from service import api, errors
+from service import api, errors, logs, metrics, openapi, page, v2
 from service.models import ModelManager
 
 DEFAULTS: dict[str, Any] = {
@@ -35,13 +42,16 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BATCH": 1024,
     "MAX_CONTENT_LENGTH": 4 * 1024 * 1024,
     "MAX_IMAGE_PIXELS": 16_000_000,
+    "TRUSTED_PROXIES": 0,
 }
 _TYPES = {
     "MODEL_POLL_SECONDS": float,
     "MAX_BATCH": int,
     "MAX_CONTENT_LENGTH": int,
     "MAX_IMAGE_PIXELS": int,
+    "TRUSTED_PROXIES": int,
 }
+_ZERO_ALLOWED = {"MODEL_POLL_SECONDS", "TRUSTED_PROXIES"}
 
 
 def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -64,7 +74,7 @@ def _checked(cfg: dict[str, Any]) -> dict[str, Any]:
             cfg[key] = kind(cfg[key])
         except (TypeError, ValueError):
             raise ValueError(f"{key} must be a number, got {cfg[key]!r}") from None
-        if cfg[key] < 0 or (key != "MODEL_POLL_SECONDS" and cfg[key] == 0):
+        if cfg[key] < 0 or (key not in _ZERO_ALLOWED and cfg[key] == 0):
             raise ValueError(f"{key} must be positive, got {cfg[key]!r}")
     if cfg["MODEL_VERSION"] not in (None, ""):
         try:
@@ -105,11 +115,22 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["models"] = manager
     # Polling starts lazily in the process that serves: threads do not survive fork.
     app.before_request(manager.ensure_polling)
+    app.before_request(_start_clock)
 
-    errors.register(app)
+    errors.init_app(app)
+    logs.init_app(app)  # request ids and the access line
+    metrics.init_app(app)  # reads the model manager to initialise the gauges
+    openapi.init_app(app)
     app.register_blueprint(api.bp)
+    app.register_blueprint(v2.bp)
+    app.register_blueprint(page.bp)
 
-    from service import extensions
-
-    extensions.init_app(app)
+    if app.config["TRUSTED_PROXIES"]:
+        hops = app.config["TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     return app
+
+
+def _start_clock() -> None:
+    """One clock for both the access log's duration and the latency histogram."""
+    g.request_t0 = time.perf_counter()

@@ -18,7 +18,12 @@ from core.preprocess import to_vectors
 
 def classify(model: LoadedModel, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Digits (m,) and probabilities (m, 10) for images (m, 28, 28) valued 0..255."""
-    p = probabilities(model.net, to_vectors(images))
+    return classify_inputs(model, to_vectors(images))
+
+
+def classify_inputs(model: LoadedModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Digits (m,) and probabilities (m, 10) for network input rows x (m, 784) in [0, 1]."""
+    p = probabilities(model.net, x)
     return p.argmax(axis=1), p
 
 

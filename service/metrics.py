@@ -142,35 +142,19 @@ def init_app(app: Flask) -> None:
 
         models.add_listener(on_model_event)
 
-    # Label children cached per key: .labels() takes a lock and builds tuples on every call.
-    request_children: dict[tuple[str, str, int], tuple] = {}
-    digit_children = [metrics.predictions.labels(str(d)) for d in range(10)]
-
     @app.after_request
     def _count(response: Response) -> Response:
-        req, ctx_g = request._get_current_object(), g._get_current_object()  # one proxy lookup each
-        rule = req.url_rule
+        rule = request.url_rule
         endpoint = rule.rule if rule is not None else UNMATCHED
-        key = (endpoint, req.method, response.status_code)
-        children = request_children.get(key)
-        if children is None:
-            children = (
-                metrics.requests.labels(endpoint, req.method, str(response.status_code)),
-                metrics.latency.labels(endpoint),
-            )
-            request_children[key] = children
-        children[0].inc()
-        t0 = getattr(ctx_g, "request_t0", None)  # set by service.extensions
+        metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        t0 = g.get("request_t0")  # set by service.app
         if t0 is not None:
-            children[1].observe(time.perf_counter() - t0)
-        digits = getattr(ctx_g, "predicted_digits", None)
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        digits = g.get("predicted_digits")
         if digits is not None and response.status_code == 200:
-            if len(digits) == 1:
-                digit_children[int(digits[0])].inc()
-            else:
-                for digit, n in enumerate(np.bincount(np.asarray(digits, dtype=np.int64), minlength=10)):
-                    if n:
-                        digit_children[digit].inc(int(n))
+            for digit, n in enumerate(np.bincount(np.asarray(digits, dtype=np.int64), minlength=10)):
+                if n:
+                    metrics.predictions.labels(str(digit)).inc(int(n))
         return response
 
     @app.get("/metrics")

@@ -161,33 +161,14 @@ class ModelManager:
         current = self._current
         versions = []
         for v, info in sorted(self._versions.items()):
-            meta = {k: val for k, val in info.metadata.items() if k != "files"}
-            entry: dict[str, Any] = {
-                "version": v,
-                "state": ("serving" if current and current.version == v else "available")
-                if info.valid
-                else "rejected",
-                "accuracy": _accuracy(meta),
-                "created": meta.get("created"),
-                "architecture": meta.get("architecture"),
-            }
             if not info.valid:
-                entry["reason"] = info.reason
-            entry["metadata"] = meta
-            versions.append(entry)
+                versions.append(_version_entry(v, info.metadata, "rejected", info.reason))
+                continue
+            state = "serving" if current and current.version == v else "available"
+            versions.append(_version_entry(v, info.metadata, state, None))
         if current is not None and current.version not in self._versions:
-            meta = {k: val for k, val in current.metadata.items() if k != "files"}
-            versions.append(
-                {
-                    "version": current.version,
-                    "state": "serving",
-                    "reason": "deleted from the repository; still served from memory",
-                    "accuracy": _accuracy(meta),
-                    "created": meta.get("created"),
-                    "architecture": meta.get("architecture"),
-                    "metadata": meta,
-                }
-            )
+            reason = "deleted from the repository; still served from memory"
+            versions.append(_version_entry(current.version, current.metadata, "serving", reason))
         return {
             "name": self.name,
             "serving": current.version if current else None,
@@ -309,15 +290,24 @@ class ModelManager:
             self._scan_logged()
 
 
+def _version_entry(version: int, metadata: dict[str, Any], state: str, reason: str | None) -> dict[str, Any]:
+    """One version as /models lists it; the checksums of its files are left out."""
+    meta = {k: v for k, v in metadata.items() if k != "files"}
+    entry: dict[str, Any] = {
+        "version": version,
+        "state": state,
+        "accuracy": _accuracy(meta),
+        "created": meta.get("created"),
+        "architecture": meta.get("architecture"),
+    }
+    if reason is not None:
+        entry["reason"] = reason
+    entry["metadata"] = meta
+    return entry
+
+
 def _accuracy(meta: dict[str, Any]) -> float | None:
-    """The test accuracy, wherever the trainer put it."""
-    for key in ("accuracy", "test_accuracy"):
-        if isinstance(meta.get(key), int | float):
-            return meta[key]
-    for group in ("metrics", "evaluation"):
-        sub = meta.get(group)
-        if isinstance(sub, dict):
-            for key in ("test_accuracy", "accuracy"):
-                if isinstance(sub.get(key), int | float):
-                    return sub[key]
-    return None
+    """The test accuracy, where the trainer records it: `metrics.test_accuracy` (trainer/run.py)."""
+    metrics = meta.get("metrics")
+    value = metrics.get("test_accuracy") if isinstance(metrics, dict) else None
+    return value if isinstance(value, int | float) else None

@@ -18,7 +18,7 @@ Tensors travel as JSON `data` (flat or nested, row-major) or, with the binary
 tensor data extension, as raw little-endian bytes after the JSON header whose
 length the `Inference-Header-Content-Length` header gives. Errors are
 `{"error": "<message>"}`, as the protocol requires, not the base service's
-`{"error": {"code", "message"}}`.
+`{"error": {"code", "message"}}`: `service.errors` picks the shape by path.
 
 The parsing and encoding are pure functions of bytes, so they are unit-tested
 without a server; the views only glue them to the model manager.
@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Flask, Response, current_app, g, request
-from werkzeug.exceptions import HTTPException
+from flask import Blueprint, Response, current_app, g, request
 
 from core.modelstore import LoadedModel, parse_version
-from core.network import probabilities
 from core.preprocess import IMAGE_SIDE, N_INPUTS, to_vectors
-from service.errors import ApiError
+from service.errors import V2_PREFIX, ApiError, json_response
+from service.inference import classify_inputs
 
 SERVER_NAME = "mnist-serving"
 SERVER_VERSION = "0.1.0"
@@ -53,13 +52,11 @@ OUTPUT_DTYPES = {"probabilities": ("FP32", np.dtype("<f4")), "digit": ("INT64", 
 INPUT_SHAPES = ((N_INPUTS,), (IMAGE_SIDE, IMAGE_SIDE))
 
 
-class V2Error(Exception):
-    """A protocol error: HTTP status and the message for `{"error": ...}`."""
+class V2Error(ApiError):
+    """A protocol error: HTTP status and the message for `{"error": ...}` (the protocol has no codes)."""
 
     def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+        super().__init__(status, "invalid_request", message)
 
 
 @dataclass(frozen=True)
@@ -242,9 +239,9 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch: int) 
 
 
 def infer(model: LoadedModel, x: np.ndarray) -> dict[str, np.ndarray]:
-    """The two outputs, from the one forward pass the trainer evaluated."""
-    probs = probabilities(model.net, x).astype(np.float32, copy=False)
-    return {"probabilities": probs, "digit": np.argmax(probs, axis=1).astype(np.int64)}
+    """The two outputs by name, from the forward pass /predict uses."""
+    digits, probs = classify_inputs(model, x)
+    return {"probabilities": probs.astype(np.float32, copy=False), "digit": digits.astype(np.int64)}
 
 
 def encode_response(
@@ -313,21 +310,11 @@ def model_metadata(name: str, versions: list[int]) -> dict[str, Any]:
 
 # --- the blueprint -----------------------------------------------------------
 
-bp = Blueprint("v2", __name__, url_prefix="/v2")
-
-
-def _json(doc: dict[str, Any], status: int = 200) -> Response:
-    return Response(json.dumps(doc), status=status, mimetype="application/json")
-
-
-def error(status: int, message: str, headers: Any = None) -> Response:
-    return Response(
-        json.dumps({"error": message}), status=status, mimetype="application/json", headers=headers
-    )
+bp = Blueprint("v2", __name__, url_prefix=V2_PREFIX)
 
 
 def _model(name: str, version: str | None) -> LoadedModel:
-    """The served (or pinned) model, with the base service's errors in V2 terms."""
+    """The served (or pinned) model; the manager's errors answer in the V2 shape like any other."""
     models = current_app.extensions["models"]
     if name != models.name:
         raise V2Error(404, f"unknown model {name!r}; this server serves {models.name!r}")
@@ -337,10 +324,7 @@ def _model(name: str, version: str | None) -> LoadedModel:
             number = parse_version(version)
         except ValueError as e:
             raise V2Error(400, str(e)) from None
-    try:
-        return models.get(number)
-    except ApiError as e:
-        raise V2Error(e.status, e.message) from None
+    return models.get(number)
 
 
 def _versions(model: LoadedModel) -> list[int]:
@@ -357,77 +341,28 @@ def _versions(model: LoadedModel) -> list[int]:
     return sorted(versions)
 
 
-@bp.errorhandler(V2Error)
-def _v2_error(e: V2Error) -> Response:
-    return error(e.status, e.message)
-
-
-@bp.errorhandler(ApiError)
-def _api_error(e: ApiError) -> Response:
-    return error(e.status, e.message)
-
-
-@bp.errorhandler(Exception)
-def _unexpected(e: Exception) -> Response:
-    current_app.logger.exception("unhandled error on %s %s", request.method, request.path, exc_info=e)
-    return error(500, "internal server error")
-
-
-@bp.errorhandler(HTTPException)
-def _http_error(e: HTTPException) -> Response:
-    """werkzeug's 404/405/413... in the protocol's shape, keeping headers such as Allow."""
-    status = e.code or 500
-    if status >= 500:
-        return _unexpected(e)
-    message = e.description or e.name
-    if status == 404:
-        message = f"no route {request.method} {request.path}"
-    elif status == 405:
-        message = f"method {request.method} not allowed for {request.path}"
-    headers = [(k, v) for k, v in e.get_headers() if k.lower() not in ("content-type", "content-length")]
-    return error(status, message, headers)
-
-
-def init_app(app: Flask) -> None:
-    """Register the routes, and answer routing errors under /v2 in the protocol's shape.
-
-    404 and 405 are raised while routing, before any blueprint is chosen, so
-    the blueprint's handler never sees them; the app's HTTPException handler
-    is wrapped to send /v2 paths to it and everything else where it went.
-    """
-    app.register_blueprint(bp)
-    base = app.error_handler_spec[None][None].get(HTTPException)
-
-    def routing_error(e: HTTPException) -> Any:
-        if request.path == bp.url_prefix or request.path.startswith(bp.url_prefix + "/"):
-            return _http_error(e)
-        return base(e) if base is not None else e
-
-    app.register_error_handler(HTTPException, routing_error)
-
-
 @bp.get("")
 def server_metadata() -> Response:
-    return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)})
+    return json_response({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)})
 
 
 @bp.get("/health/live")
 def live() -> Response:
-    return _json({"live": True})
+    return json_response({"live": True})
 
 
 @bp.get("/health/ready")
 def ready() -> Response:
     # The protocol signals "false" with a 4xx status (Triton sends 400), not 503.
     is_ready = current_app.extensions["models"].current() is not None
-    return _json({"ready": is_ready}, 200 if is_ready else 400)
+    return json_response({"ready": is_ready}, 200 if is_ready else 400)
 
 
 @bp.get("/models/<name>")
 @bp.get("/models/<name>/versions/<version>")
 def metadata(name: str, version: str | None = None) -> Response:
     model = _model(name, version)
-    return _json(model_metadata(model.name, _versions(model)))
+    return json_response(model_metadata(model.name, _versions(model)))
 
 
 @bp.get("/models/<name>/ready")
@@ -435,21 +370,22 @@ def metadata(name: str, version: str | None = None) -> Response:
 def model_ready(name: str, version: str | None = None) -> Response:
     try:
         model = _model(name, version)
-    except V2Error as e:
+    except ApiError as e:
         if e.status != 503:
             raise
-        return _json({"name": name, "ready": False}, 400)
-    return _json({"name": model.name, "ready": True})
+        return json_response({"name": name, "ready": False}, 400)
+    return json_response({"name": model.name, "ready": True})
 
 
 @bp.post("/models/<name>/infer")
 @bp.post("/models/<name>/versions/<version>/infer")
 def infer_view(name: str, version: str | None = None) -> Response:
     model = _model(name, version)
-    limit = int(current_app.config.get("MAX_CONTENT_LENGTH") or 4 * 1024 * 1024)
-    body = decompress(request.get_data(cache=False), request.headers.get("Content-Encoding"), limit)
-    max_batch = int(current_app.config.get("MAX_BATCH", 1024))
-    req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), max_batch)
+    config = current_app.config
+    body = decompress(
+        request.get_data(cache=False), request.headers.get("Content-Encoding"), config["MAX_CONTENT_LENGTH"]
+    )
+    req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), config["MAX_BATCH"])
     results = infer(model, req.x)
     g.predicted_digits = results["digit"].tolist()
     response_id = req.id if req.id is not None else g.get("request_id")

@@ -9,13 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from trainer.data import RAW_FILES
+
 ROOT = Path(__file__).resolve().parent.parent
-RAW_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
 
 
 @pytest.fixture(scope="session")

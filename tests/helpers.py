@@ -85,8 +85,8 @@ def train_quickly(
     """A small 784-hidden-10 softmax network by plain minibatch SGD through core.network.backprop,
     in seconds: real enough that recognising digits is a real test, without the trainer (torch).
 
-    `seconds` bounds the time rather than the epochs (the machine is shared), but never stops
-    before half an epoch."""
+    `seconds` bounds the time rather than the epochs (on a busy host an epoch takes much
+    longer), but never stops before half an epoch."""
     rng = np.random.default_rng(0)
     net = network.new_network([784, hidden, 10], [activation, "softmax"], "cross_entropy", rng, init=init)
     x = to_vectors(images)
@@ -94,7 +94,7 @@ def train_quickly(
     batch = 100
     deadline = None if seconds is None else time.monotonic() + seconds
     seen = 0
-    # One BLAS thread: small matrices on a shared 2-core box run 15x slower oversubscribed.
+    # One BLAS thread: small matrices run up to 15x slower when BLAS threads oversubscribe the cores.
     with threadpool_limits(1):
         for _ in range(epochs):
             order = rng.permutation(len(x))
@@ -133,19 +133,20 @@ def png_bytes(a: np.ndarray, mode: str | None = None, fmt: str = "PNG", **save) 
     return buf.getvalue()
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data and CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def bomb_png(width: int, height: int) -> bytes:
     """A PNG header declaring width×height pixels, with almost no data: a decompression bomb's
     first bytes, built by hand so the test does not have to allocate the gigapixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
-        + chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + png_chunk(b"IEND", b"")
     )
 
 

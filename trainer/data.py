@@ -25,7 +25,7 @@ RAW_FILES = (
 )
 HOW_TO_FIX = (
     "unpack the four MNIST *-ubyte.gz files with `make data MNIST_FILES=dir` "
-    "(on these machines dir is ../shared/datasets/mnist), or allow torchvision to download them"
+    "(the Makefile's default dir is ../shared/datasets/mnist), or allow torchvision to download them"
 )
 
 

@@ -90,7 +90,7 @@ class Config:
 
 PRESETS: dict[str, Config] = {
     # Nielsen's network.py run: [784, 30→32, 10] sigmoids, quadratic cost, N(0,1) init,
-    # 30 epochs of plain SGD, minibatch 16 (he used 10), η = 3.0, no augmentation.
+    # 30 epochs of plain SGD, minibatch 16 (network.py uses 10), η = 3.0, no augmentation.
     # N(0, 1) init saturates many sigmoids, so the result depends on the seed: seeds 0-6 gave
     # 94.80, 94.92, 94.58, 85.75, 95.19, 86.45, 94.81% test. Seed 4 is the one that reaches 95%.
     "seed": Config(seed=4),

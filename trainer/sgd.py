@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from core.network import Network
+from core.network import ACTIVATIONS, COSTS, Network
 from trainer.presets import Config
 
 Array = np.ndarray
@@ -60,6 +60,7 @@ class FusedSGD:
     def __init__(self, net: Network, config: Config) -> None:
         self.sizes = net.sizes
         self.activations = net.activations
+        self.layer_activations = [ACTIVATIONS[name] for name in net.activations]
         self.cost = net.cost
         self.dtype = net.weights[0].dtype
         self.params = [
@@ -95,7 +96,7 @@ class FusedSGD:
         buf = self._buffers.get(m)
         if buf is None:
             buf = self._buffers[m] = _Buffers(self.sizes, m, self.dtype)
-        params, acts, views = self.params, self.activations, buf.views
+        params, acts, views = self.params, self.layer_activations, buf.views
         n_layers = len(params)
 
         # forward: one product per layer, activation in place
@@ -103,7 +104,7 @@ class FusedSGD:
         for l in range(n_layers):  # noqa: E741
             z = views[l]
             np.matmul(params[l], prev, out=z)
-            _activate(acts[l], z, buf.row)
+            acts[l].fn_inplace(z, buf.row)
             prev = buf.a[l]
 
         # δ^L, pre-scaled so the gradients come out as the update
@@ -119,23 +120,15 @@ class FusedSGD:
             if l > 0:
                 back = buf.delta[l - 1]
                 np.matmul(params[l][:, :-1].T, delta, out=back)
-                _times_prime(acts[l - 1], views[l - 1], back, buf.tmp[l - 1], buf.mask[l - 1])
+                acts[l - 1].vjp_inplace(views[l - 1], back, buf.tmp[l - 1], buf.mask[l - 1], buf.row)
                 delta = back
             self._update(l, grad, lr)
 
     def _output_delta(self, a: Array, y: Array, out: Array, tmp: Array, mask: Array, row: Array) -> None:
         """δ^L = ∇_a C ⊙ σ'(z^L), or a - y where cross-entropy cancels σ' (as core.network)."""
         np.subtract(a, y, out=out)  # ∇_a C for the quadratic cost; δ^L itself for cross-entropy
-        if self.cost == "cross_entropy":
-            return
-        name = self.activations[-1]
-        if name == "softmax":  # Jᵀg = a ⊙ (g - aᵀg)
-            np.multiply(a, out, out=tmp)
-            np.sum(tmp, axis=0, keepdims=True, out=row)
-            out -= row
-            out *= a
-        else:
-            _times_prime(name, a, out, tmp, mask)
+        if COSTS[self.cost].grad_a is not None:
+            self.layer_activations[-1].vjp_inplace(a, out, tmp, mask, row)
 
     def _update(self, l: int, grad: Array, lr: float) -> None:  # noqa: E741
         p = self.params[l]
@@ -164,39 +157,3 @@ class FusedSGD:
             np.divide(mom, tmp, out=tmp)
             tmp *= -step
             p += tmp
-
-
-def _activate(name: str, z: Array, row: Array) -> None:
-    """σ(z) in place, the same functions as core.network.ACTIVATIONS."""
-    if name == "sigmoid":  # 0.5 (1 + tanh(z/2)): stable, and what core uses
-        z *= 0.5
-        np.tanh(z, out=z)
-        z += 1.0
-        z *= 0.5
-    elif name == "relu":
-        np.maximum(z, 0.0, out=z)
-    elif name == "tanh":
-        np.tanh(z, out=z)
-    else:  # softmax over each column
-        np.max(z, axis=0, keepdims=True, out=row)
-        z -= row
-        np.exp(z, out=z)
-        np.sum(z, axis=0, keepdims=True, out=row)
-        z /= row
-
-
-def _times_prime(name: str, a: Array, delta: Array, tmp: Array, mask: Array) -> None:
-    """delta ⊙= σ'(z), written in terms of a = σ(z) as core.network does."""
-    if name == "sigmoid":
-        np.subtract(1.0, a, out=tmp)
-        tmp *= a
-        delta *= tmp
-    elif name == "relu":
-        np.greater(a, 0.0, out=mask)
-        delta *= mask
-    elif name == "tanh":
-        np.multiply(a, a, out=tmp)
-        np.subtract(1.0, tmp, out=tmp)
-        delta *= tmp
-    else:  # an elementwise prime for softmax is only its diagonal; core handles softmax via vjp
-        raise ValueError("softmax is only allowed as the output layer")

@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import ROOT, SHIPPED_MODEL, Server, start_gunicorn
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-# Never a downloaded browser, and nothing that phones home from CI.
+# Never a downloaded browser, and nothing that phones home.
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",

@@ -37,7 +37,7 @@ def trained_net(mnist: Mnist) -> network.Network:
         activation="sigmoid",
         init="scaled",
         lr=1.0,
-        seconds=12,  # the machine is shared: bound the time, not the epochs
+        seconds=12,  # bound the time, not the epochs: a busy host must not stall the suite
     )
     reached = accuracy(net, mnist.test_images, mnist.test_labels)
     assert reached > 0.9, f"the fixture network only reached {reached:.3f}"

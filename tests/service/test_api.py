@@ -52,13 +52,22 @@ def test_config_defaults_and_env():
     assert cfg["MODELS_DIR"] == "./models" and cfg["MODEL_NAME"] == "mnist"
     assert cfg["MODEL_VERSION"] is None and cfg["MODEL_POLL_SECONDS"] == 5
     assert cfg["MAX_BATCH"] == 1024 and cfg["MAX_CONTENT_LENGTH"] == 4 * 1024 * 1024
+    assert cfg["TRUSTED_PROXIES"] == 0
     cfg = load_config({"MODEL_VERSION": "3", "MAX_BATCH": "8", "MODEL_POLL_SECONDS": "0.5"})
     assert cfg["MODEL_VERSION"] == 3 and cfg["MAX_BATCH"] == 8 and cfg["MODEL_POLL_SECONDS"] == 0.5
+    assert load_config({"TRUSTED_PROXIES": "1"})["TRUSTED_PROXIES"] == 1
 
 
 @pytest.mark.parametrize(
     "env",
-    [{"MAX_BATCH": "many"}, {"MAX_BATCH": "0"}, {"MODEL_VERSION": "../1"}, {"MODEL_POLL_SECONDS": "-1"}],
+    [
+        {"MAX_BATCH": "many"},
+        {"MAX_BATCH": "0"},
+        {"MODEL_VERSION": "../1"},
+        {"MODEL_POLL_SECONDS": "-1"},
+        {"TRUSTED_PROXIES": "-1"},
+        {"TRUSTED_PROXIES": "one"},
+    ],
 )
 def test_bad_config_stops_the_start(env):
     with pytest.raises(ValueError):

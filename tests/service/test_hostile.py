@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import zlib
 
 import numpy as np
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from service.app import create_app
-from tests.helpers import bomb_png, png_bytes, publish, random_net
+from tests.helpers import bomb_png, png_bytes, png_chunk, publish, random_net
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -28,10 +27,6 @@ def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
     return buf.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def hostile_battery() -> list[tuple[str, str | None, bytes]]:

@@ -202,7 +202,7 @@ def test_unreadable_repository_keeps_last_good(models_dir, monkeypatch):
 def test_metadata_of_rejected_version_is_shown_when_readable(models_dir):
     path = corrupt_copy(models_dir, 1, 2)
     meta = json.loads((path / "model.json").read_text())
-    meta["accuracy"] = 0.77
+    meta["metrics"]["test_accuracy"] = 0.77
     (path / "model.json").write_text(json.dumps(meta))  # checksum still fine, but weights tampered:
     (path / "weights.npz").write_bytes(b"x")
     m, _ = manager(models_dir)

@@ -6,7 +6,10 @@ import io
 import json
 import logging
 
+import pytest
+
 from service import logs
+from service.app import create_app
 
 
 def test_request_id_is_echoed_or_generated(client):
@@ -25,13 +28,14 @@ def test_app_lines_inside_a_request_carry_its_id(app):
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logs.JsonFormatter())
+    handler.addFilter(logs.RequestIdFilter())
     log = logging.getLogger("test.extras")
     log.addHandler(handler)
     try:
 
         @app.get("/_log_probe")
         def probe():
-            log.warning("inside %s", "request", extra={"fields": {"k": 1}})
+            log.warning("inside %s", "request", extra={"k": 1})
             try:
                 1 / 0  # noqa: B018
             except ZeroDivisionError:
@@ -47,14 +51,26 @@ def test_app_lines_inside_a_request_carry_its_id(app):
     assert "ZeroDivisionError" in second["exception"]
 
 
-def test_access_line_shapes():
-    out = io.StringIO()
-    logs.AccessLog(out).write("GET", "/x", 200, {"request_id": "r", "status": 200})
-    doc = json.loads(out.getvalue())
-    assert doc["logger"] == "access" and doc["message"] == "GET /x 200" and doc["request_id"] == "r"
-    text = io.StringIO()
-    logs.AccessLog(text, text=True).write("GET", "/x", 404, {})
-    assert text.getvalue().rstrip().endswith("access: GET /x 404") and not text.getvalue().startswith("{")
+def _access_line(app, formatter: logging.Formatter, url: str, **headers: str) -> str:
+    """What the stdout handler writes for the access record of one request, through `formatter`."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    handler.addFilter(logs.RequestIdFilter())
+    logs.access_log.addHandler(handler)
+    try:
+        app.test_client().get(url, headers=headers)
+    finally:
+        logs.access_log.removeHandler(handler)
+    return stream.getvalue()
+
+
+def test_access_line_shapes(app):
+    doc = json.loads(_access_line(app, logs.JsonFormatter(), "/x", **{"X-Request-ID": "r"}))
+    assert doc["logger"] == "access" and doc["message"] == "GET /x 404" and doc["request_id"] == "r"
+    assert {"ts", "level", "pid", "method", "path", "status", "duration_ms", "bytes", "remote"} <= set(doc)
+    text = _access_line(app, logging.Formatter(logs.TEXT_FORMAT), "/x")
+    assert text.rstrip().endswith("access: GET /x 404") and not text.startswith("{")
 
 
 def test_gunicorn_logconfig_is_a_valid_dictconfig(monkeypatch):
@@ -73,3 +89,16 @@ def test_gunicorn_logconfig_is_a_valid_dictconfig(monkeypatch):
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+@pytest.mark.parametrize("hops", [0, 1])
+def test_access_line_remote_is_the_client_behind_trusted_proxies(models_dir, hops):
+    """Behind nginx (TRUSTED_PROXIES=1) the client is the X-Forwarded-For address; with 0 the header
+    is not trusted, so a client cannot pick the address its requests are logged under."""
+    app = create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0, "TRUSTED_PROXIES": hops})
+    forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    doc = json.loads(_access_line(app, logs.JsonFormatter(), "/healthz", **forwarded))
+    if hops:
+        assert doc["remote"] == "203.0.113.7"
+    else:
+        assert doc["remote"] != "203.0.113.7"
