@@ -6,7 +6,7 @@ Starts one gunicorn with gunicorn.conf.py (the settings `make serve` and the
 image use), drives it with wrk (Lua script for the POST with a PNG body), and
 prints req/s and p50/p99 latency for /predict and /healthz, images/s for
 256-image batches, and the ratio predict/healthz. /healthz is the framework's
-own ceiling on this machine, so the ratio is the figure that travels between
+own ceiling on the machine it runs on, so the ratio is the figure that travels between
 machines. Rounds alternate healthz and predict so that noise from other
 processes hits both; medians are reported.
 

@@ -2,7 +2,7 @@
 
 The clone is of the committed HEAD, so what is tested is what a user gets:
 uncommitted files (and the developer's ./data, ./models) are not in it. Its
-data directory is filled from ../shared/datasets/mnist, as the issue asks, so
+data directory is filled from ../shared/datasets/mnist (MNIST_FILES), so
 the trainer container never downloads. Everything runs under one unique
 compose project on a free port; the finaliser runs `docker compose down -v`
 and checks that no container of the project is left, whatever the tests did.
@@ -20,7 +20,6 @@ import gzip
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -31,14 +30,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.helpers import free_port
+from trainer.data import RAW_FILES
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
-RAW_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
 HEALTHY_WITHIN = 120.0
 API_REPLICAS = 2  # docker-compose.yml's default
 TIMINGS = pytest.StashKey[list]()
@@ -224,12 +220,6 @@ class Clients:
     def p99(self) -> float:
         seconds = sorted(o[3] for o in self.outcomes)
         return seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fill_mnist(data_dir: Path) -> None:
