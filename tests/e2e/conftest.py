@@ -217,6 +217,10 @@ class Clients:
     def failures(self) -> list:
         return [o for o in self.outcomes if o[1] != 200]
 
+    def summary(self) -> str:
+        slowest = max((o[3] for o in self.outcomes), default=0.0) * 1000
+        return f"{len(self.outcomes)} requests, {len(self.failures())} failed, slowest {slowest:.0f} ms"
+
     def p99(self) -> float:
         seconds = sorted(o[3] for o in self.outcomes)
         return seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))]

@@ -198,12 +198,8 @@ def test_a_killed_replica_costs_no_request(stack: Stack, digit_png: bytes, timer
         clients.wait_for(n + 20)
     assert stack.inspect(second)["RestartCount"] == restarts + 1, "the crashed replica was not restarted"
     assert stack.inspect(first)["State"]["Running"], "compose did not bring the killed replica back"
-    failures = clients.failures()
-    timer.note(
-        f"replica killed, then one crashed: {len(clients.outcomes)} requests, {len(failures)} failed, "
-        f"slowest {max(o[3] for o in clients.outcomes) * 1000:.0f} ms"
-    )
-    assert not failures, f"{len(failures)} failed requests: {failures[:5]}"
+    timer.note(f"replica killed, then one crashed: {clients.summary()}")
+    assert not clients.failures(), clients.failures()[:5]
 
 
 # --- rollout -----------------------------------------------------------------------------------
@@ -226,12 +222,8 @@ def test_make_rollout_replaces_every_replica_with_no_failed_request(
     after = set(stack.containers("api"))
     assert len(after) == API_REPLICAS and not after & before, (before, after)
     stack.wait_healthy(replicas=API_REPLICAS)
-    failures = clients.failures()
-    timer.note(
-        f"make rollout: {len(clients.outcomes)} requests, {len(failures)} failed, "
-        f"slowest {max(o[3] for o in clients.outcomes) * 1000:.0f} ms"
-    )
-    assert not failures, f"{len(failures)} failed requests during the rollout: {failures[:5]}"
+    timer.note(f"make rollout: {clients.summary()}")
+    assert not clients.failures(), clients.failures()[:5]
 
 
 # --- hot swap ----------------------------------------------------------------------------------
