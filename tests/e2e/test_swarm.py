@@ -59,7 +59,8 @@ FAST_UPDATE = [
 READYZ_VERSION = (
     "import json, urllib.request as u\n"
     "try:\n"
-    "    print(json.load(u.urlopen('http://127.0.0.1:8000/readyz', timeout=5)).get('model', {}).get('version'))\n"
+    "    ready = json.load(u.urlopen('http://127.0.0.1:8000/readyz', timeout=5))\n"
+    "    print(ready.get('model', {}).get('version'))\n"
     "except Exception as e:\n"
     "    print(type(e).__name__)\n"
 )
@@ -79,8 +80,9 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
     """`docker ...`; a failure fails the test with the command's output."""
     proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
+        command = " ".join(args)
         pytest.fail(
-            f"`docker {' '.join(args)}` exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            f"`docker {command}` exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
     return proc
 
@@ -259,6 +261,8 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, timer: Timer) -> Iterator[Sw
     s = Swarm(repo, stack, int(env["PORT"]), env)
 
     made_swarm = False
+    # `swarm init` creates docker_gwbridge and `swarm leave` keeps it: removed again if it was ours.
+    had_gwbridge = docker("network", "inspect", "docker_gwbridge", check=False).returncode == 0
     try:
         if swarm_state() != "active":
             with timer.step("docker swarm init"):
@@ -282,6 +286,8 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, timer: Timer) -> Iterator[Sw
         if made_swarm:
             with timer.step("docker swarm leave --force"):
                 docker("swarm", "leave", "--force", check=False)
+                if not had_gwbridge:
+                    docker("network", "rm", "docker_gwbridge", check=False)
         tags = docker("images", "--format", "{{.Repository}}:{{.Tag}}", image, check=False).stdout.split()
         if tags:
             docker("rmi", *tags, check=False)
