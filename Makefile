@@ -19,7 +19,7 @@ TRAIN_FLAGS := --preset $(PRESET) \
 	$(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) $(TRAIN_ARGS)
 
 .PHONY: help venv data train evaluate serve test e2e browser lint format bench \
-	bench-train bench-serve bench-front-door up rollout down logs train-docker clean
+	bench-train bench-serve bench-front-door up rollout swarm-up swarm-down down logs train-docker clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -92,6 +92,26 @@ up: ## build and start nginx + the api replicas on PORT; when running, a rollout
 rollout: ## rebuild the api image, then replace the running replicas one at a time
 	docker compose build api
 	deploy/compose/rollout.sh
+
+# Docker Swarm (deploy/swarm/stack.yml, docs/deploy-swarm.md); needs `docker swarm init` once.
+STACK ?= mnist
+API_IMAGE ?= mnist-api
+# Configs are immutable: a changed nginx.conf gets a new config name, so a redeploy picks it up.
+NGINX_CONF_DIGEST = $(shell sha256sum deploy/nginx/nginx.conf | cut -c1-12)
+SWARM_ENV = STACK=$(STACK) PORT=$(PORT) MODELS_HOST_DIR=$(abspath $(MODELS_DIR)) \
+	NGINX_CONF_DIGEST=$(NGINX_CONF_DIGEST)
+
+# The image is deployed under a tag made of its id: a rebuilt image is a changed spec, so the
+# redeploy is a rolling update; an unchanged one is no update at all.
+swarm-up: ## build the api image, deploy (or update, rolling) the swarm stack STACK on PORT (API_REPLICAS=)
+	docker build -f service/Dockerfile -t $(API_IMAGE):latest .
+	tag=$(API_IMAGE):$$(docker image inspect -f '{{.Id}}' $(API_IMAGE):latest | cut -d: -f2 | cut -c1-12) && \
+	docker tag $(API_IMAGE):latest $$tag && \
+	$(SWARM_ENV) API_IMAGE=$$tag docker stack deploy -c deploy/swarm/stack.yml --resolve-image never \
+		--detach=false $(STACK)
+
+swarm-down: ## remove the swarm stack STACK (the swarm itself stays)
+	docker stack rm --detach=false $(STACK)
 
 down: ## stop and remove the containers
 	docker compose --profile train down -v --remove-orphans
