@@ -15,7 +15,10 @@ shape. Backpropagation is the four equations:
     ∂C/∂W^l = δ^l (a^{l-1})ᵀ
 
 Summed over the columns of a batch, the last two become row sums and a single
-matrix product. Everything here is a pure function of its arguments; the
+matrix product. One step further, δ^0 = (W^1)ᵀ δ^1 is the gradient with
+respect to the input itself: started from ∂ log p_k / ∂z^L rather than ∂C/∂z^L,
+it says which pixels made the network say k (`log_prob_input_gradient`, what
+/explain serves). Everything here is a pure function of its arguments; the
 trainer and the service share `feedforward`, so what is served is exactly
 what was evaluated.
 """
@@ -295,11 +298,11 @@ def output_delta(net: Network, z: Array, a: Array, y: Array) -> Array:
     return ACTIVATIONS[net.activations[-1]].vjp(z, a, grad_a(a, y))
 
 
-def backprop(net: Network, x: Array, y: Array) -> tuple[list[Array], list[Array]]:
-    """∂C/∂W^l and ∂C/∂b^l, summed over the columns of x (n_0, m) and y (n_L, m).
+def forward_keep(net: Network, x: Array) -> tuple[list[Array], list[Array]]:
+    """The forward pass that keeps what the backward pass needs: z^1..z^L and a^0..a^L.
 
-    Summing (not averaging) keeps the update rule the reference one:
-    W -> W - (η/m) Σ_x ∂C_x/∂W.
+    For input columns x (n_0, m). Separate from `feedforward`, which keeps nothing
+    and is what /predict runs.
     """
     activations = [x]
     zs = []
@@ -309,18 +312,71 @@ def backprop(net: Network, x: Array, y: Array) -> tuple[list[Array], list[Array]
         a = ACTIVATIONS[name].fn(z)
         zs.append(z)
         activations.append(a)
+    return zs, activations
 
-    n_layers = len(net.weights)
-    grad_w: list[Array] = [np.empty(0)] * n_layers
-    grad_b: list[Array] = [np.empty(0)] * n_layers
-    delta = output_delta(net, zs[-1], activations[-1], y)
-    for l in range(n_layers - 1, -1, -1):  # noqa: E741 - l is the layer index of the derivation
-        grad_b[l] = delta.sum(axis=1, keepdims=True)
-        grad_w[l] = delta @ activations[l].T
-        if l > 0:
-            act = ACTIVATIONS[net.activations[l - 1]]
-            delta = act.vjp(zs[l - 1], activations[l], net.weights[l].T @ delta)
+
+def backward_deltas(net: Network, zs: list[Array], activations: list[Array], delta: Array) -> list[Array]:
+    """δ^1..δ^L from δ^L by δ^l = ((W^{l+1})ᵀ δ^{l+1}) ⊙ σ'(z^l), whatever scalar δ^L differentiates."""
+    deltas = [delta]
+    for l in range(len(net.weights) - 1, 0, -1):  # noqa: E741 - l is the layer index of the derivation
+        act = ACTIVATIONS[net.activations[l - 1]]
+        delta = act.vjp(zs[l - 1], activations[l], net.weights[l].T @ delta)
+        deltas.append(delta)
+    return deltas[::-1]
+
+
+def backprop(net: Network, x: Array, y: Array) -> tuple[list[Array], list[Array]]:
+    """∂C/∂W^l and ∂C/∂b^l, summed over the columns of x (n_0, m) and y (n_L, m).
+
+    Summing (not averaging) keeps the update rule the reference one:
+    W -> W - (η/m) Σ_x ∂C_x/∂W.
+    """
+    zs, activations = forward_keep(net, x)
+    deltas = backward_deltas(net, zs, activations, output_delta(net, zs[-1], activations[-1], y))
+    grad_b = [delta.sum(axis=1, keepdims=True) for delta in deltas]
+    grad_w = [delta @ a.T for delta, a in zip(deltas, activations[:-1], strict=True)]
     return grad_w, grad_b
+
+
+def log_prob_delta(net: Network, z: Array, a: Array, k: Array) -> Array:
+    """∂ log p_k / ∂z^L per column, for the output layer's z and a (n_L, m) and classes k (m,).
+
+    p is what `probabilities` returns. For softmax, p = a and the derivative
+    is onehot_k - p. Any other output is normalised, p = a⁺ / Σ a⁺ with
+    a⁺ = max(a, 0), so ∂ log p_k / ∂a_j = [a_j > 0] (δ_jk / a_k - 1 / Σ a⁺),
+    taken back through σ. Where p_k = 0 (a_k ≤ 0: log p_k is -∞ and flat) the
+    column is 0.
+    """
+    cols = np.arange(a.shape[1])
+    if net.activations[-1] == "softmax":
+        delta = -a
+        delta[k, cols] += 1.0
+        return delta
+    pos = a > 0
+    total = np.sum(a, axis=0, keepdims=True, where=pos)
+    a_k = a[k, cols]
+    inv_total = np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)
+    inv_a_k = np.divide(1.0, a_k, out=np.zeros_like(a_k), where=a_k > 0)
+    grad_a = np.where(pos, -inv_total, 0.0)
+    grad_a[k, cols] += inv_a_k
+    grad_a[:, a_k <= 0] = 0.0
+    return ACTIVATIONS[net.activations[-1]].vjp(z, a, grad_a)
+
+
+def log_prob_input_gradient(net: Network, x: Array, k: Array) -> Array:
+    """∂ log p_k / ∂x for input *rows* x (m, n_0) and one class k per row: shape (m, n_0).
+
+    Which inputs made the network say k: the same backward pass as `backprop`,
+    started from ∂ log p_k / ∂z^L instead of ∂C/∂z^L and taken one step
+    further, δ^0 = (W^1)ᵀ δ^1, since x plays the part of a^0. The gradient is
+    with respect to x as the network sees it (to_vectors' [0, 1] scale).
+    """
+    k = np.asarray(k, dtype=np.intp).reshape(-1)
+    if k.shape[0] != x.shape[0]:
+        raise ValueError(f"need one class per row: {x.shape[0]} rows, {k.shape[0]} classes")
+    zs, activations = forward_keep(net, x.T)
+    deltas = backward_deltas(net, zs, activations, log_prob_delta(net, zs[-1], activations[-1], k))
+    return (net.weights[0].T @ deltas[0]).T
 
 
 def total_cost(net: Network, x: Array, y: Array) -> float:

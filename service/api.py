@@ -1,4 +1,4 @@
-"""The HTTP API: POST /predict, GET /healthz, /readyz, /models.
+"""The HTTP API: POST /predict, POST /explain, GET /healthz, /readyz, /models.
 
 This module only translates HTTP to arrays and back; decoding and
 normalisation live in `service.imaging`, the maths in `service.inference`,
@@ -7,7 +7,9 @@ model choice in `service.models`.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 
 import numpy as np
 from flask import Blueprint, Config, Request, Response, current_app, g, request
@@ -16,7 +18,7 @@ from core.modelstore import LoadedModel, parse_version
 from core.preprocess import IMAGE_SIDE, N_INPUTS
 from service import imaging
 from service.errors import ApiError, error_response, json_response
-from service.inference import classify, model_ref, prediction
+from service.inference import classify, explain_images, explanation, model_ref, prediction
 from service.models import ModelManager
 
 bp = Blueprint("api", __name__)
@@ -48,7 +50,19 @@ def models() -> Response:
     return json_response(_manager().status())
 
 
+def _explain_when_asked(view: Callable[[], Response]) -> Callable[[], Response]:
+    """`?explain=1` turns /predict into /explain; without it the view runs as it is, so a plain
+    /predict reads one query argument more and never computes a gradient."""
+
+    @functools.wraps(view)
+    def wrapper() -> Response:
+        return explain() if _explain_arg(request) else view()
+
+    return wrapper
+
+
 @bp.post("/predict")
+@_explain_when_asked
 def predict() -> Response:
     version, preprocess = _version_arg(request), _preprocess_arg(request)
     model = _manager().get(version)
@@ -65,6 +79,33 @@ def predictions_response(model: LoadedModel, digits: np.ndarray, probs: np.ndarr
         predictions = [prediction(d, p) for d, p in zip(chosen, probs, strict=True)]
         return json_response({"predictions": predictions, "model": model_ref(model)})
     return json_response({**prediction(chosen[0], probs[0]), "model": model_ref(model)})
+
+
+@bp.post("/explain")
+def explain() -> Response:
+    """The prediction for one image, the 28×28 input the network saw and ∂ log p_digit / ∂input.
+
+    Same body, arguments and errors as /predict, through the same parsing; one
+    image only, since each answer carries two 28×28 maps.
+    """
+    version, preprocess = _version_arg(request), _preprocess_arg(request)
+    model = _manager().get(version)
+    images, batch = _read_images(request, current_app.config, preprocess)
+    if batch:
+        raise ApiError(400, "batch_not_supported", 'send one image (a body, one file or {"image": ...})')
+    digits, probs, x, saliency = explain_images(model, images)
+    g.predicted_digits = digits.tolist()  # an explained prediction counts as a prediction
+    body = explanation(int(digits[0]), probs[0], x[0], saliency[0])
+    return json_response({**body, "model": model_ref(model)})
+
+
+def _explain_arg(req: Request) -> bool:
+    text = req.args.get("explain")
+    if text is None or text in ("", "0", "false"):
+        return False
+    if text in ("1", "true"):
+        return True
+    raise ApiError(400, "invalid_explain", f"explain must be 1, true, 0 or false, got {text!r}")
 
 
 def _version_arg(req: Request) -> int | None:

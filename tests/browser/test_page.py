@@ -1,4 +1,5 @@
-"""The draw-a-digit page in headless Chromium: draw 1, 7, 0 with the mouse, clear, upload; two viewports."""
+"""The draw-a-digit page in headless Chromium: draw 1, 7, 0 with the mouse, clear, upload, the explanation;
+two viewports."""
 
 from __future__ import annotations
 
@@ -142,3 +143,56 @@ def test_layout_is_tidy(page):
     else:
         assert pad["width"] >= 0.8 * geometry["width"] - 40 and digit["top"] > pad["bottom"]  # stacked
     assert geometry["bars"]["right"] <= geometry["width"]
+
+
+def canvas_pixels(page, canvas_id: str) -> np.ndarray:
+    """The 28×28 RGBA pixels of one of the explanation's canvases."""
+    data = page.evaluate(
+        "(id) => Array.from(document.getElementById(id).getContext('2d').getImageData(0, 0, 28, 28).data)",
+        canvas_id,
+    )
+    return np.array(data, dtype=np.int64).reshape(28, 28, 4)
+
+
+def test_explanation_is_shown_as_you_draw(page, artifacts):
+    """The page shows the server's `input` exactly, and the saliency map's colours follow its signs."""
+    answers = []
+    page.on("response", lambda r: answers.append(r) if "/predict" in r.url else None)
+    assert canvas_pixels(page, "seen")[..., :3].max() == 0  # black until the first answer
+    draw(page, SEVEN)
+    assert shown_digit(page, "7") == "7"
+    page.wait_for_timeout(600)  # the last debounced answer has landed
+    assert answers and all("explain=1" in r.url for r in answers)
+    body = answers[-1].json()
+    assert page.locator("#why").text_content() == f"Why {body['digit']}?"
+
+    seen = canvas_pixels(page, "seen")
+    want = np.rint(255 * np.array(body["input"]))
+    for channel in range(3):
+        np.testing.assert_array_equal(seen[..., channel], want)  # what the network saw, pixel for pixel
+    assert want.max() == 255 and (want == 0).mean() > 0.5  # a centred light digit on black, as MNIST
+
+    grad = np.array(body["saliency"])
+    heat = canvas_pixels(page, "saliency")[..., :3]
+    red, blue = np.array([208, 52, 44]), np.array([47, 111, 237])
+    top = np.unravel_index(np.abs(grad).argmax(), grad.shape)
+    np.testing.assert_allclose(heat[top], red if grad[top] > 0 else blue, atol=1)  # full colour at the peak
+    for extreme, colour in ((grad.argmax(), "red"), (grad.argmin(), "blue")):
+        at = np.unravel_index(extreme, grad.shape)
+        if abs(grad[at]) > 0.5 * abs(grad[top]):
+            r, _, b = heat[at]
+            assert (r > b + 60) if colour == "red" else (b > r + 60), (colour, heat[at])
+    small = np.abs(grad) < 0.02 * abs(grad[top])
+    assert small.any()
+    np.testing.assert_allclose(heat[small].max(axis=1) - heat[small].min(axis=1), 0, atol=8)  # faint: gray
+
+    screenshot(page, artifacts / f"{page.viewport_name}-explain.png")
+    if page.viewport_name == "desktop" and os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        screenshot(page, ROOT / "docs" / "screenshot-explain.png")
+
+    page.click("#clear")
+    assert (
+        canvas_pixels(page, "seen")[..., :3].max() == 0
+        and canvas_pixels(page, "saliency")[..., :3].max() == 0
+    )
+    assert page.locator("#why").text_content() == "Why this digit?"

@@ -106,3 +106,65 @@ def test_bad_architectures_are_refused():
         nw.new_network([4, 2], ["relu"], "cross_entropy", rng)
     with pytest.raises(ValueError, match="one activation per"):
         nw.new_network([4, 3, 2], ["sigmoid"], "quadratic", rng)
+
+
+# --- ∂ log p_k / ∂x: the saliency /explain serves -----------------------------------------------
+
+
+def _numeric_log_prob_gradient(net: nw.Network, x: np.ndarray, k: np.ndarray, eps: float = 1e-6):
+    """Central differences of log probabilities(net, x)[i, k_i], one input coordinate at a time."""
+    m, n = x.shape
+    out = np.zeros_like(x)
+    step = np.eye(n) * eps
+    for i in range(m):
+        plus = nw.probabilities(net, x[i] + step)[:, k[i]]
+        minus = nw.probabilities(net, x[i] - step)[:, k[i]]
+        out[i] = (np.log(plus) - np.log(minus)) / (2 * eps)
+    return out
+
+
+def _relative_error(numeric: np.ndarray, analytic: np.ndarray) -> float:
+    return float(np.abs(numeric - analytic).max() / max(1e-8, np.abs(numeric).max() + np.abs(analytic).max()))
+
+
+@pytest.mark.parametrize(("hidden", "output"), list(itertools.product(HIDDEN, OUTPUT)))
+def test_log_prob_input_gradient_matches_finite_differences(hidden, output):
+    net = _net(hidden, output, "quadratic", seed=6)  # the cost plays no part in log p_k
+    x = np.random.default_rng(7).standard_normal((8, 5))
+    if output in ("softmax", "sigmoid"):  # p_k > 0 for every k: explain any class, not only the winner
+        k = np.random.default_rng(8).integers(0, 3, len(x))
+    else:
+        # relu/tanh outputs give p_k = 0 where a_k <= 0 (log p_k has no derivative there): explain
+        # the winner, with output biases raised so that several outputs are positive and p is not
+        # one-hot (a one-hot p has a flat log p_k, so a zero gradient would pass trivially).
+        net = net.with_params(net.weights, [*net.biases[:-1], net.biases[-1] + 1.0])
+        p = nw.probabilities(net, x)
+        assert ((p > 0).sum(axis=1) >= 2).all()
+        k = p.argmax(axis=1)
+    analytic = nw.log_prob_input_gradient(net, x, k)
+    assert analytic.shape == x.shape
+    numeric = _numeric_log_prob_gradient(net, x, k)
+    assert _relative_error(numeric, analytic) < 1e-6
+    assert np.abs(analytic).max() > 1e-3, "a vanishing gradient would pass trivially"
+
+
+def test_log_prob_input_gradient_at_mnist_shape():
+    """784-30-10 sigmoid + softmax (tests.helpers.random_net's shape), in float64 for the differences."""
+    rng = np.random.default_rng(9)
+    net = nw.new_network([784, 30, 10], ["sigmoid", "softmax"], "cross_entropy", rng, "scaled", np.float64)
+    x = rng.random((2, 784))
+    k = np.array([3, nw.probabilities(net, x[1:])[0].argmax()])
+    analytic = nw.log_prob_input_gradient(net, x, k)
+    assert _relative_error(_numeric_log_prob_gradient(net, x, k), analytic) < 1e-6
+    # Another class explains differently: the class is not ignored.
+    other = nw.log_prob_input_gradient(net, x, (k + 1) % 10)
+    assert np.abs(other - analytic).max() > 1e-3
+
+
+def test_log_prob_input_gradient_keeps_float32_and_wants_one_class_per_row():
+    rng = np.random.default_rng(10)
+    net = nw.new_network([784, 16, 10], ["relu", "softmax"], "cross_entropy", rng, "he")
+    x = rng.random((3, 784)).astype(np.float32)
+    assert nw.log_prob_input_gradient(net, x, np.array([0, 1, 2])).dtype == np.float32
+    with pytest.raises(ValueError, match="one class per row"):
+        nw.log_prob_input_gradient(net, x, np.array([0, 1]))

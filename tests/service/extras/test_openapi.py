@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError
 from openapi_spec_validator import validate
 from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 
@@ -125,6 +125,39 @@ def test_real_responses_match_their_schemas(client, document, mnist, tmp_path):
         r = getattr(empty, method)(url, **kwargs)
         assert r.status_code in (400, 503)
         response_validator(document, path, method, r.status_code).validate(r.get_json())
+
+
+def test_explanations_match_their_schemas(client, document, mnist, tmp_path):
+    """/explain and /predict?explain=1: answers, refused batches and every error class, as documented."""
+    image = mnist.test_images[0]
+    png = png_bytes(image)
+    cases = [
+        ("/explain", "/explain", {"data": png, "content_type": "image/png"}, 200),
+        ("/explain", "/explain", {"data": {"image": [(io.BytesIO(png), "a.png")]}}, 200),
+        ("/explain?preprocess=none", "/explain", {"json": {"image": image.ravel().tolist()}}, 200),
+        ("/predict?explain=1", "/predict", {"data": png, "content_type": "image/png"}, 200),
+        ("/explain", "/explain", {"json": {"instances": [image.tolist()]}}, 400),
+        ("/predict?explain=true", "/predict", {"json": {"instances": [image.tolist()] * 2}}, 400),
+        ("/predict?explain=maybe", "/predict", {"json": {"image": image.tolist()}}, 400),
+        ("/explain", "/explain", {"data": b"not an image", "content_type": "image/png"}, 400),
+        ("/explain?version=9", "/explain", {"json": {"image": image.tolist()}}, 404),
+        ("/explain", "/explain", {"data": b"x", "content_type": "text/plain"}, 415),
+    ]
+    for url, path, kwargs, status in cases:
+        r = client.post(url, **kwargs)
+        assert r.status_code == status and r.mimetype == MEDIA_JSON, url
+        response_validator(document, path, "post", status).validate(r.get_json())
+    explanation = client.post("/explain", data=png, content_type="image/png").get_json()
+    broken = {**explanation, "input": [[2.0] * 28] * 28}  # outside [0, 1]: the schema must notice
+    with pytest.raises(ValidationError):
+        response_validator(document, "/explain", "post", 200).validate(broken)
+
+    from service.app import create_app
+
+    empty = create_app({"MODELS_DIR": str(tmp_path), "MODEL_POLL_SECONDS": 0}).test_client()
+    r = empty.post("/explain", json={"image": image.tolist()})
+    assert r.status_code == 503
+    response_validator(document, "/explain", "post", 503).validate(r.get_json())
 
 
 def test_pages_and_metrics_have_their_documented_types(client, document):
