@@ -171,6 +171,23 @@ def test_only_nginx_is_published_and_it_runs_non_root_read_only(stack: Stack) ->
     assert "Read-only file system" in touch, touch
 
 
+def test_one_request_id_and_the_client_address_follow_a_request_through_both_logs(stack: Stack) -> None:
+    rid = f"e2e-trace-{time.time_ns()}"
+    r = requests.get(f"{stack.url}/readyz", headers={"X-Request-ID": rid}, timeout=10)
+    assert r.status_code == 200 and r.headers["X-Request-ID"] == rid
+    fresh = requests.get(f"{stack.url}/healthz", timeout=10).headers["X-Request-ID"]
+    assert len(fresh) == 32, "nginx makes an id when the client sends none"
+    time.sleep(1.5)  # nginx flushes its buffered access log every second
+    lines = {}
+    for line in stack.logs(tail=500).splitlines():
+        service, _, text = line.partition("|")
+        if rid in text and text.strip().startswith("{"):
+            lines[service.split("-")[0].strip()] = json.loads(text)
+    assert set(lines) == {"nginx", "api"}, lines
+    # The api saw nginx's X-Forwarded-For (TRUSTED_PROXIES=1): the client's address, not nginx's.
+    assert lines["api"]["remote"] == lines["nginx"]["remote"], lines
+
+
 def test_hostile_inputs_get_4xx_and_every_container_stays_healthy(stack: Stack, test_set) -> None:
     before = started(stack)
     oversized = b"\x89PNG\r\n\x1a\n" + os.urandom(MAX_CONTENT_LENGTH)

@@ -139,7 +139,7 @@ def test_overload_is_answered_at_once_with_503_and_retry_after(
     png = stack.repo / "digit.png"
     out = subprocess.run(
         [
-            "wrk", "-t2", f"-c{OVERLOAD_CLIENTS}", f"-d{OVERLOAD_SECONDS}s", "--timeout", "10s",
+            "wrk", "-t1", f"-c{OVERLOAD_CLIENTS}", f"-d{OVERLOAD_SECONDS}s", "--timeout", "10s",
             "-s", str(HERE / "overload.lua"), f"{stack.url}/predict",
         ],
         capture_output=True, text=True, timeout=OVERLOAD_SECONDS + 60,
@@ -165,6 +165,42 @@ def test_overload_is_answered_at_once_with_503_and_retry_after(
     # What a client sees, in full.
     r = requests.get(f"{stack.url}/readyz", timeout=10)
     assert r.status_code == 200, "the stack did not recover from the overload"
+
+
+# --- scale -------------------------------------------------------------------------------------
+
+
+def upstreams(stack: Stack, rid_prefix: str) -> set[str]:
+    """The replicas (address:port) nginx sent the requests tagged `rid_prefix*` to, from its log."""
+    found = set()
+    for line in stack.compose("logs", "--no-color", "--no-log-prefix", "nginx").stdout.splitlines():
+        if rid_prefix in line and line.startswith("{"):
+            found.add(json.loads(line)["upstream"])
+    return found
+
+
+def test_scaling_is_followed_without_restarting_nginx(stack: Stack, digit_png: bytes, timer: Timer) -> None:
+    (nginx,) = stack.containers("nginx")
+    started_at = stack.inspect(nginx)["State"]["StartedAt"]
+    with Clients(stack.url, digit_png, n=4, pause=0.01) as clients:
+        clients.wait_for(20)
+        stack.compose("up", "-d", "--no-recreate", "--wait", "--scale", f"api={API_REPLICAS + 1}")
+        stack.wait_healthy(replicas=API_REPLICAS + 1)
+        prefix = f"e2e-scale-{time.time_ns()}-"
+        with requests.Session() as http:
+            for i in range(60):
+                r = http.get(f"{stack.url}/readyz", headers={"X-Request-ID": f"{prefix}{i}"}, timeout=10)
+                assert r.status_code == 200
+        time.sleep(1.5)  # nginx flushes its buffered access log every second
+        spread = upstreams(stack, prefix)
+        stack.compose("up", "-d", "--no-recreate", "--wait", "--scale", f"api={API_REPLICAS}")
+        stack.wait_healthy(replicas=API_REPLICAS)
+        n = len(clients.outcomes)
+        clients.wait_for(n + 20)
+    timer.note(f"scale {API_REPLICAS} -> {API_REPLICAS + 1} -> {API_REPLICAS}: {clients.summary()}")
+    assert len(spread) == API_REPLICAS + 1, f"nginx used {spread}"
+    assert stack.inspect(nginx)["State"]["StartedAt"] == started_at, "nginx was restarted"
+    assert not clients.failures(), clients.failures()[:5]
 
 
 # --- crash -------------------------------------------------------------------------------------
