@@ -20,7 +20,7 @@ Environment (default):
                                          (Triton's port), every worker on it with SO_REUSEPORT; 0 = off
     GRPC_THREADS              4          threads per worker's gRPC server
     GRPC_MAX_CONCURRENT_RPCS  64         gRPC calls one worker holds at once; beyond, RESOURCE_EXHAUSTED
-    GRPC_GRACE_SECONDS        10         seconds in-flight gRPC calls get on TERM (< GUNICORN_GRACEFUL_TIMEOUT)
+    GRPC_GRACE_SECONDS        10         seconds in-flight gRPC calls get on TERM (< GRACEFUL_TIMEOUT)
 
 The gRPC server (service/grpc_server.py) is started by each worker in
 `post_worker_init` and stopped in `worker_exit`: grpc is never imported in the
