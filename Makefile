@@ -87,7 +87,7 @@ bench-front-door: venv ## PNG /predict through nginx + replicas (docker compose)
 	$(PY) -m bench.front_door
 
 bench-grpc: venv ## single-image V2 infer: gRPC ModelInfer vs REST on one gunicorn (tritonclient)
-	$(PY) bench/grpc_vs_rest.py
+	$(PY) -m bench.grpc_vs_rest
 
 bench: bench-train bench-serve bench-front-door bench-grpc ## all benchmarks
 
