@@ -375,9 +375,9 @@ def test_no_model_is_unavailable_then_ready_once_published(gunicorn, tmp_path, t
 
 
 class GrpcLoad:
-    """`n` tritonclient.grpc clients, each on its own channel, inferring one image in a loop."""
+    """`n` tritonclient.grpc clients, each on its own connection, inferring one image in a loop."""
 
-    def __init__(self, target: str, image: np.ndarray, n: int = 4) -> None:
+    def __init__(self, target: str, image: np.ndarray, n: int = 6) -> None:
         self.target, self.image, self.n = target, image, n
         self.ok: list[tuple[int, int, list[float]]] = []  # (client, version, probabilities)
         self.failures: list[str] = []
@@ -395,7 +395,11 @@ class GrpcLoad:
             t.join(30)
 
     def _run(self, i: int) -> None:
-        client = tgrpc.InferenceServerClient(self.target)
+        # A local subchannel pool: a connection of its own (grpc would share one between channels),
+        # which SO_REUSEPORT lands on either worker, so both workers' switches are exercised.
+        client = tgrpc.InferenceServerClient(
+            self.target, channel_args=[("grpc.use_local_subchannel_pool", 1)]
+        )
         while not self._stop.is_set():
             try:
                 r = client.infer("mnist", [infer_input(self.image[None])], client_timeout=10)
