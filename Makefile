@@ -19,7 +19,8 @@ TRAIN_FLAGS := --preset $(PRESET) \
 	$(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) $(TRAIN_ARGS)
 
 .PHONY: help venv data train evaluate serve test e2e browser lint format bench \
-	bench-train bench-serve bench-front-door up rollout swarm-up swarm-down down logs train-docker clean
+	bench-train bench-serve bench-front-door bench-grpc proto up rollout swarm-up swarm-down down logs \
+	train-docker clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -66,6 +67,9 @@ e2e: venv data ## end-to-end tests against a real Docker engine (docker compose)
 browser: venv ## the draw-a-digit page in headless Chromium
 	$(PY) -m pytest tests/browser $(PYTEST_ARGS)
 
+proto: venv ## regenerate the gRPC stubs in service/proto from its .proto (grpcio-tools)
+	$(PY) -m service.proto.generate
+
 lint: venv ## ruff lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -83,7 +87,10 @@ bench-serve: venv ## serving throughput: /predict vs /healthz on one gunicorn
 bench-front-door: venv ## PNG /predict through nginx + replicas (docker compose) vs straight to one replica
 	$(PY) -m bench.front_door
 
-bench: bench-train bench-serve bench-front-door ## all benchmarks
+bench-grpc: venv ## single-image V2 infer: gRPC ModelInfer vs REST on one gunicorn (tritonclient)
+	$(PY) -m bench.grpc_vs_rest
+
+bench: bench-train bench-serve bench-front-door bench-grpc ## all benchmarks
 
 up: ## build and start nginx + the api replicas on PORT; when running, a rollout (no failed request)
 	@if [ -n "$$(docker compose ps -q api 2>/dev/null)" ]; then $(MAKE) --no-print-directory rollout; \

@@ -16,6 +16,15 @@ Environment (default):
                                          writes one JSON access line per request (service/logs.py)
     LOG_LEVEL                 info
     PROMETHEUS_MULTIPROC_DIR  (fresh temp dir) where workers share metrics; wiped at start
+    GRPC_PORT                 8001       the Open Inference Protocol over gRPC on 0.0.0.0:$GRPC_PORT
+                                         (Triton's port), every worker on it with SO_REUSEPORT; 0 = off
+    GRPC_THREADS              4          threads per worker's gRPC server
+    GRPC_MAX_CONCURRENT_RPCS  64         gRPC calls one worker holds at once; beyond, RESOURCE_EXHAUSTED
+    GRPC_GRACE_SECONDS        10         seconds in-flight gRPC calls get on TERM (< GRACEFUL_TIMEOUT)
+
+The gRPC server (service/grpc_server.py) is started by each worker in
+`post_worker_init` and stopped in `worker_exit`: grpc is never imported in the
+master, since its threads do not survive fork.
 
 This module runs in the master before any worker is forked, so the thread
 limits set here reach numpy in every worker: one BLAS thread per worker, since
@@ -57,6 +66,13 @@ def _int_env(name: str, default: int, minimum: int) -> int:
 
 
 wsgi_app = "service.wsgi:app"
+# Read here so a bad value stops the start; used by the workers' hooks below.
+_grpc = {
+    "port": _int_env("GRPC_PORT", 8001, 0),
+    "threads": _int_env("GRPC_THREADS", 4, 1),
+    "max_concurrent_rpcs": _int_env("GRPC_MAX_CONCURRENT_RPCS", 64, 1),
+    "grace_seconds": _int_env("GRPC_GRACE_SECONDS", 10, 0),
+}
 bind = [f"0.0.0.0:{_int_env('PORT', 8000, 1)}"]
 workers = _int_env("WEB_CONCURRENCY", 2, 1)
 worker_class = os.environ.get("GUNICORN_WORKER_CLASS") or "gthread"
@@ -118,6 +134,19 @@ def post_worker_init(worker):
     manager = getattr(worker.wsgi, "extensions", {}).get("models")
     if manager is not None:
         manager.ensure_polling()
+        if _grpc["port"]:
+            # Imported here, in the worker: grpc must not be initialised before the fork.
+            from service import grpc_server
+
+            grpc_server.attach(worker, grpc_server.Settings(**_grpc))
+
+
+def worker_exit(server, worker):
+    """Let in-flight gRPC calls finish (the SIGTERM handler already refused new ones)."""
+    if getattr(worker, "grpc_server", None) is not None:
+        from service import grpc_server
+
+        grpc_server.detach(worker)
 
 
 def child_exit(server, worker):

@@ -11,13 +11,17 @@ single process) the app's own registry is served.
 Metrics:
     http_requests_total{endpoint,method,status}     requests answered
     http_request_duration_seconds{endpoint}         latency histogram
-    mnist_predictions_total{digit}                  digits predicted (/predict and V2 infer)
+    mnist_predictions_total{digit}                  digits predicted (/predict, V2 infer, gRPC ModelInfer)
     mnist_model_version{model}                      version each live worker serves (gauge, per pid)
     mnist_model_reloads_total{model}                new versions loaded by a worker
     mnist_model_rejected_versions_total{model}      versions a worker refused to load
 
 `endpoint` is the route's rule (`/v2/models/<name>/infer`), never the raw
-path, so a scanner probing random URLs cannot blow up the label set.
+path, so a scanner probing random URLs cannot blow up the label set. gRPC
+calls (service/grpc_server.py) are counted in the same two series under their
+method, `endpoint="/inference.GRPCInferenceService/ModelInfer"` and
+`method="POST"` (gRPC's HTTP/2 method), with the HTTP status the same error
+has over REST (400, 404, 413, 503; 200 for OK), so one query covers both.
 """
 
 from __future__ import annotations
@@ -116,6 +120,13 @@ def exposition(metrics: Metrics) -> bytes:
     return generate_latest(metrics.registry)
 
 
+def count_predictions(metrics: Metrics, digits: object) -> None:
+    """One count per predicted image, by digit: REST's after_request and gRPC's ModelInfer both call it."""
+    for digit, n in enumerate(np.bincount(np.asarray(digits, dtype=np.int64), minlength=10)):
+        if n:
+            metrics.predictions.labels(str(digit)).inc(int(n))
+
+
 def init_app(app: Flask) -> None:
     """Create the metrics, count every request, follow the model manager, serve /metrics."""
     metrics = create_metrics()
@@ -152,9 +163,7 @@ def init_app(app: Flask) -> None:
             metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
         digits = g.get("predicted_digits")
         if digits is not None and response.status_code == 200:
-            for digit, n in enumerate(np.bincount(np.asarray(digits, dtype=np.int64), minlength=10)):
-                if n:
-                    metrics.predictions.labels(str(digit)).inc(int(n))
+            count_predictions(metrics, digits)
         return response
 
     @app.get("/metrics")

@@ -105,8 +105,16 @@ def _flag(params: dict[str, Any] | None, key: str, where: str) -> bool | None:
     return params[key]
 
 
-def _shape(tensor: dict) -> tuple[int, ...]:
-    shape = tensor.get("shape")
+def check_input(name: Any, datatype: Any, shape: Any) -> tuple[int, ...]:
+    """The input's name, datatype and shape checked, whatever the transport (REST or gRPC): its shape."""
+    if name != INPUT_NAME:
+        raise V2Error(400, f"unexpected input {name!r}: the model's input is {INPUT_NAME!r}")
+    if datatype not in INPUT_DTYPES:
+        raise V2Error(400, f"input datatype must be FP32 or UINT8, got {datatype!r}")
+    return check_shape(shape)
+
+
+def check_shape(shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise V2Error(400, "input shape must be a list of non-negative integers")
     if len(shape) < 2 or tuple(shape[1:]) not in INPUT_SHAPES:
@@ -167,6 +175,24 @@ def to_network_input(arr: np.ndarray, datatype: str) -> np.ndarray:
     return x
 
 
+def network_input(arr: np.ndarray, datatype: str, shape: tuple[int, ...], max_batch: int) -> np.ndarray:
+    """A well-formed input tensor as network rows, once its batch size is within the limit (413 beyond).
+
+    Checked only now, so that a malformed request is a 400 whatever its N."""
+    if shape[0] > max_batch:
+        raise V2Error(413, f"batch of {shape[0]} exceeds the maximum of {max_batch}")
+    return to_network_input(arr, datatype)
+
+
+def check_output(name: Any, chosen: list[str]) -> str:
+    """A requested output's name, known and not already in `chosen`."""
+    if name not in OUTPUT_DTYPES:
+        raise V2Error(400, f"unknown output {name!r}: the outputs are {sorted(OUTPUT_DTYPES)}")
+    if name in chosen:
+        raise V2Error(400, f"output {name!r} requested twice")
+    return name
+
+
 def parse_infer_request(body: bytes, header_length: str | None, max_batch: int) -> InferRequest:
     """Validate an inference request body (JSON header plus optional binary tensors)."""
     header, raw = split_body(body, header_length)
@@ -187,12 +213,8 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch: int) 
     if len(inputs) != 1:
         raise V2Error(400, f"the model takes 1 input ({INPUT_NAME!r}), got {len(inputs)}")
     tensor = inputs[0]
-    if tensor.get("name") != INPUT_NAME:
-        raise V2Error(400, f"unexpected input {tensor.get('name')!r}: the model's input is {INPUT_NAME!r}")
     datatype = tensor.get("datatype")
-    if datatype not in INPUT_DTYPES:
-        raise V2Error(400, f"input datatype must be FP32 or UINT8, got {datatype!r}")
-    shape = _shape(tensor)
+    shape = check_input(tensor.get("name"), datatype, tensor.get("shape"))
     tensor_params = _parameters(tensor, "input")
     if tensor_params and "binary_data_size" in tensor_params:
         size = tensor_params["binary_data_size"]
@@ -210,10 +232,7 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch: int) 
         raise V2Error(400, "input has neither data nor binary_data_size")
     if raw:
         raise V2Error(400, f"{len(raw)} bytes after the JSON header belong to no input")
-    # Checked once the tensor is known to be well formed: a malformed request is a 400 whatever its N.
-    if shape[0] > max_batch:
-        raise V2Error(413, f"batch of {shape[0]} exceeds the maximum of {max_batch}")
-    x = to_network_input(arr, datatype)
+    x = network_input(arr, datatype, shape, max_batch)
 
     default_binary = bool(_flag(params, "binary_data_output", "request"))
     requested = doc.get("outputs")
@@ -224,11 +243,7 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch: int) 
             raise V2Error(400, "outputs must be a list of objects")
         chosen: list[tuple[str, bool]] = []
         for out in requested:
-            name = out.get("name")
-            if name not in OUTPUT_DTYPES:
-                raise V2Error(400, f"unknown output {name!r}: the outputs are {sorted(OUTPUT_DTYPES)}")
-            if any(name == n for n, _ in chosen):
-                raise V2Error(400, f"output {name!r} requested twice")
+            name = check_output(out.get("name"), [n for n, _ in chosen])
             binary = _flag(_parameters(out, "output"), "binary_data", "output")
             chosen.append((name, default_binary if binary is None else binary))
         outputs = tuple(chosen)

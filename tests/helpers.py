@@ -194,6 +194,7 @@ class Server:
     proc: subprocess.Popen
     url: str
     log: Path
+    grpc: str = ""  # host:port of the workers' gRPC server (GRPC_PORT)
 
     def workers(self) -> set[int]:
         return child_pids(self.proc.pid)
@@ -240,6 +241,7 @@ def start_gunicorn(models_dir: Path, log_dir: Path, ready: bool = True, **env: s
         WEB_CONCURRENCY="2",
         MODEL_POLL_SECONDS="0.5",
         PYTHONUNBUFFERED="1",
+        GRPC_PORT=str(free_port()),  # never the default 8001, which another server may hold
     )
     full_env.update(env)
     with open(log, "wb") as out:
@@ -250,7 +252,7 @@ def start_gunicorn(models_dir: Path, log_dir: Path, ready: bool = True, **env: s
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    server = Server(proc, f"http://127.0.0.1:{port}", log, f"127.0.0.1:{full_env['GRPC_PORT']}")
     try:
         deadline = time.monotonic() + 30
         path = "/readyz" if ready else "/healthz"

@@ -92,6 +92,11 @@ class Stack:
     port: int
     env: dict[str, str]
     poll_seconds: float
+    grpc_port: int = 0  # nginx's published gRPC port (GRPC_PORT)
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def url(self) -> str:
@@ -269,17 +274,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory, timer: Timer) -> Iterator[St
         not in ("MODEL_NAME", "MODEL_VERSION", "MODELS_DIR", "DATA_DIR", "WEB_CONCURRENCY", "API_REPLICAS")
         and not k.startswith("COMPOSE_")
     }
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env.update(
         COMPOSE_PROJECT_NAME=project,
         PORT=str(port),
+        GRPC_PORT=str(grpc_port),
         MODEL_POLL_SECONDS=str(poll),
         HOST_UID=str(os.getuid()),
         HOST_GID=str(os.getgid()),
         TORCH_INDEX_URL=os.environ.get("E2E_TORCH_INDEX_URL", "https://pypi.org/simple"),
         MNIST_DOWNLOAD="0",
     )
-    s = Stack(repo, project, port, env, poll)
+    s = Stack(repo, project, port, env, poll, grpc_port)
     try:
         with timer.step("docker compose up -d --build (nginx + api replicas)"):
             s.compose("up", "-d", "--build", timeout=900)
