@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # The one version committed to the repository: what a fresh clone serves.
 SHIPPED_VERSION = 2
 SHIPPED_MODEL = ROOT / "models" / "mnist" / str(SHIPPED_VERSION)
+# The second shipped model: the reference network of `--preset seed` (784-32-10 sigmoid, ≈95%).
+SHIPPED_SEED_MODEL = ROOT / "models" / "mnist-seed" / "1"
 
 # --- MNIST -------------------------------------------------------------------------------------
 
