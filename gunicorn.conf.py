@@ -113,11 +113,11 @@ def on_starting(server):
 def post_worker_init(worker):
     """Start the model poller as the worker boots, not at its first request.
 
-    A worker that gets no traffic for a while must still follow new versions.
+    A worker that gets no traffic for a while must still follow new versions and labels.
     """
-    manager = getattr(worker.wsgi, "extensions", {}).get("models")
-    if manager is not None:
-        manager.ensure_polling()
+    registry = getattr(worker.wsgi, "extensions", {}).get("registry")  # every model's poller
+    if registry is not None:
+        registry.ensure_polling()
 
 
 def child_exit(server, worker):
