@@ -159,14 +159,15 @@ class ModelManager:
         live = self._live  # read once: one request, one decision
         if label is not None:
             return self._by_label(live, label)
-        if version is None or (live is not None and live.stable.version == version):
+        if version is None:
             if live is None:
                 raise ApiError(503, "no_model", self.unready_reason())
             if live.canary is not None and self._random.random() * 100 < live.canary_percent:
                 return live.canary
             return live.stable
-        if live is not None and live.canary is not None and live.canary.version == version:
-            return live.canary
+        for model in (live.stable, live.canary) if live else ():
+            if model is not None and model.version == version:
+                return model  # pinned to a live version: no split
         with self._lock:
             model = self._cache.get(version)
             if model is not None:

@@ -112,6 +112,8 @@ def test_canary_split_is_binomial(repo):
     sigma = math.sqrt(n * p * (1 - p))
     assert abs(to_canary - n * p) < 4.5 * sigma, to_canary  # fails about once in 150,000 runs
     assert m.get(label="canary").version == 2 and m.get(label="stable").version == 1
+    assert {m.get(1).version for _ in range(200)} == {1}  # a pinned version is never split
+    assert {m.get(label="stable").version for _ in range(200)} == {1}
 
 
 def test_label_errors(repo):
