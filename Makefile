@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= data
 MNIST_FILES ?= ../shared/datasets/mnist
 MODELS_DIR ?= models
+MODEL_NAME ?= mnist
+PERCENT ?= 10
 PRESET ?= best
 PORT ?= 8000
 # Extra trainer flags, e.g. make train PRESET=seed EPOCHS=5 TRAIN_ARGS="--lr 1.0"
@@ -20,7 +22,7 @@ TRAIN_FLAGS := --preset $(PRESET) \
 
 .PHONY: help venv data train evaluate serve test e2e browser lint format bench \
 	bench-train bench-serve bench-front-door bench-grpc proto up rollout swarm-up swarm-down down logs \
-	train-docker clean
+	train-docker clean promote canary rollback
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -54,6 +56,18 @@ train: venv ## train and publish a new version (PRESET=best|seed, EPOCHS=, LR=, 
 
 evaluate: venv ## re-score a published model on the test set (VERSION=N, default newest)
 	$(PY) -m trainer evaluate --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(VERSION),--version $(VERSION))
+
+# Release labels in MODELS_DIR/MODEL_NAME/labels.json; every worker follows within MODEL_POLL_SECONDS.
+RELEASE := MODELS_DIR=$(MODELS_DIR) MODEL_NAME=$(MODEL_NAME) $(PY) -m core.release
+
+promote: venv ## make a version stable for every worker and replica (VERSION=N, MODEL_NAME=)
+	$(RELEASE) promote "$(VERSION)"
+
+canary: venv ## send PERCENT (default 10) of unpinned requests to a version (VERSION=N PERCENT=)
+	$(RELEASE) canary "$(VERSION)" --percent "$(PERCENT)"
+
+rollback: venv ## make the previous stable version stable again (MODEL_NAME=)
+	$(RELEASE) rollback
 
 serve: venv ## run the service locally under gunicorn on PORT
 	PORT=$(PORT) MODELS_DIR=$(MODELS_DIR) $(VENV)/bin/gunicorn -c gunicorn.conf.py service.wsgi:app

@@ -129,16 +129,16 @@ def on_starting(server):
 def post_worker_init(worker):
     """Start the model poller as the worker boots, not at its first request.
 
-    A worker that gets no traffic for a while must still follow new versions.
+    A worker that gets no traffic for a while must still follow new versions and labels.
     """
-    manager = getattr(worker.wsgi, "extensions", {}).get("models")
-    if manager is not None:
-        manager.ensure_polling()
-        if _grpc["port"]:
-            # Imported here, in the worker: grpc must not be initialised before the fork.
-            from service import grpc_server
+    registry = getattr(worker.wsgi, "extensions", {}).get("registry")  # every model's poller
+    if registry is not None:
+        registry.ensure_polling()
+    if registry is not None and _grpc["port"]:
+        # Imported here, in the worker: grpc must not be initialised before the fork.
+        from service import grpc_server
 
-            grpc_server.attach(worker, grpc_server.Settings(**_grpc))
+        grpc_server.attach(worker, grpc_server.Settings(**_grpc))
 
 
 def worker_exit(server, worker):

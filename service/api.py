@@ -1,5 +1,9 @@
 """The HTTP API: POST /predict, POST /explain, GET /healthz, /readyz, /models.
 
+/predict takes `?model=NAME` (default MODEL_NAME), and `?version=N` or
+`?label=stable|canary` to pin what answers; unpinned, a canary answers its
+share (docs/lifecycle.md). The answer's `model.version` says which did.
+
 This module only translates HTTP to arrays and back; decoding and
 normalisation live in `service.imaging`, the maths in `service.inference`,
 model choice in `service.models`.
@@ -12,14 +16,15 @@ import json
 from collections.abc import Callable
 
 import numpy as np
-from flask import Blueprint, Config, Request, Response, current_app, g, request
+from flask import Blueprint, Config, Request, Response, current_app, request
 
 from core.modelstore import LoadedModel, parse_version
 from core.preprocess import IMAGE_SIDE, N_INPUTS
-from service import imaging
+from service import imaging, metrics
 from service.errors import ApiError, error_response, json_response
 from service.inference import classify, explain_images, explanation, model_ref, prediction
 from service.models import ModelManager
+from service.registry import ModelRegistry
 
 bp = Blueprint("api", __name__)
 
@@ -29,6 +34,10 @@ JSON_TYPES = ("application/json",)
 
 def _manager() -> ModelManager:
     return current_app.extensions["models"]
+
+
+def _registry() -> ModelRegistry:
+    return current_app.extensions["registry"]
 
 
 @bp.get("/healthz")
@@ -47,7 +56,9 @@ def readyz() -> Response:
 
 @bp.get("/models")
 def models() -> Response:
-    return json_response(_manager().status())
+    # MODEL_NAME's status at the top level (as before), every model's under "models".
+    registry = _registry()
+    return json_response({**registry.default.status(), "models": [m.status() for m in registry.managers()]})
 
 
 def _explain_when_asked(view: Callable[[], Response]) -> Callable[[], Response]:
@@ -64,17 +75,22 @@ def _explain_when_asked(view: Callable[[], Response]) -> Callable[[], Response]:
 @bp.post("/predict")
 @_explain_when_asked
 def predict() -> Response:
-    version, preprocess = _version_arg(request), _preprocess_arg(request)
-    model = _manager().get(version)
-    images, batch = _read_images(request, current_app.config, preprocess)
+    model = _requested_model(request)
+    images, batch = _read_images(request, current_app.config, _preprocess_arg(request))
     digits, probs = classify(model, images)
     return predictions_response(model, digits, probs, batch)
 
 
+def _requested_model(req: Request) -> LoadedModel:
+    """The version a prediction answers with: `?model`, then `?version` or `?label`, else the
+    model's policy (stable, or the canary for its share of requests)."""
+    return _registry().get(req.args.get("model")).get(_version_arg(req), _label_arg(req))
+
+
 def predictions_response(model: LoadedModel, digits: np.ndarray, probs: np.ndarray, batch: bool) -> Response:
-    """/predict's answer; the digits also go to the metrics (`g.predicted_digits`)."""
+    """/predict's answer; the answer also goes to the metrics (`metrics.record_prediction`)."""
     chosen = digits.tolist()
-    g.predicted_digits = chosen
+    metrics.record_prediction(model, digits, probs)
     if batch:
         predictions = [prediction(d, p) for d, p in zip(chosen, probs, strict=True)]
         return json_response({"predictions": predictions, "model": model_ref(model)})
@@ -88,13 +104,12 @@ def explain() -> Response:
     Same body, arguments and errors as /predict, through the same parsing; one
     image only, since each answer carries two 28×28 maps.
     """
-    version, preprocess = _version_arg(request), _preprocess_arg(request)
-    model = _manager().get(version)
-    images, batch = _read_images(request, current_app.config, preprocess)
+    model = _requested_model(request)
+    images, batch = _read_images(request, current_app.config, _preprocess_arg(request))
     if batch:
         raise ApiError(400, "batch_not_supported", 'send one image (a body, one file or {"image": ...})')
     digits, probs, x, saliency = explain_images(model, images)
-    g.predicted_digits = digits.tolist()  # an explained prediction counts as a prediction
+    metrics.record_prediction(model, digits, probs)  # an explained prediction counts as a prediction
     body = explanation(int(digits[0]), probs[0], x[0], saliency[0])
     return json_response({**body, "model": model_ref(model)})
 
@@ -116,6 +131,13 @@ def _version_arg(req: Request) -> int | None:
         return parse_version(text)
     except ValueError:
         raise ApiError(400, "invalid_version", f"version must be a positive integer, got {text!r}") from None
+
+
+def _label_arg(req: Request) -> str | None:
+    label = req.args.get("label") or None
+    if label is not None and req.args.get("version"):
+        raise ApiError(400, "version_and_label", "pin a version or a label, not both")
+    return label
 
 
 def _preprocess_arg(req: Request) -> bool:

@@ -3,8 +3,15 @@
 Configuration (environment variable, default):
 
     MODELS_DIR          ./models     the model repository
-    MODEL_NAME          mnist        the model served
-    MODEL_VERSION       (unset)      pin one version; unset = newest valid version
+    MODEL_NAME          mnist        the default model (of /predict, /readyz)
+    MODEL_NAMES         (unset)      models served, comma-separated; unset = every folder
+                                     under MODELS_DIR (MODEL_NAME always included)
+    MODEL_VERSION       (unset)      pin one version of MODEL_NAME, above labels and policy
+    PROMOTION           gate         which new version goes live: gate | latest | manual
+                                     (docs/lifecycle.md)
+    MIN_ACCURACY        0.98         gate: least recorded test accuracy to replace a version
+    PROMOTION_TOLERANCE 0.001        gate: how far below the serving version's accuracy a new
+                                     one may be (0.001 = 0.1 percentage points)
     MODEL_POLL_SECONDS  5            how often each worker rescans the repository (0 = never)
     MAX_BATCH           1024         most images in one /predict request (413 beyond)
     MAX_CONTENT_LENGTH  4194304      largest request body in bytes, 4 MiB (413 beyond)
@@ -30,14 +37,19 @@ from typing import IO, Any
 from flask import Flask, Request, g
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from core.modelstore import parse_version
+from core.modelstore import check_name, parse_version
+from core.promotion import POLICIES
 from service import api, errors, logs, metrics, openapi, page, v2
-from service.models import ModelManager
+from service.registry import ModelRegistry
 
 DEFAULTS: dict[str, Any] = {
     "MODELS_DIR": "./models",
     "MODEL_NAME": "mnist",
+    "MODEL_NAMES": None,
     "MODEL_VERSION": None,
+    "PROMOTION": "gate",
+    "MIN_ACCURACY": 0.98,
+    "PROMOTION_TOLERANCE": 0.001,
     "MODEL_POLL_SECONDS": 5.0,
     "MAX_BATCH": 1024,
     "MAX_CONTENT_LENGTH": 4 * 1024 * 1024,
@@ -50,8 +62,11 @@ _TYPES = {
     "MAX_CONTENT_LENGTH": int,
     "MAX_IMAGE_PIXELS": int,
     "TRUSTED_PROXIES": int,
+    "MIN_ACCURACY": float,
+    "PROMOTION_TOLERANCE": float,
 }
-_ZERO_ALLOWED = {"MODEL_POLL_SECONDS", "TRUSTED_PROXIES"}
+_ZERO_ALLOWED = {"MODEL_POLL_SECONDS", "TRUSTED_PROXIES", "MIN_ACCURACY", "PROMOTION_TOLERANCE"}
+_FRACTIONS = {"MIN_ACCURACY", "PROMOTION_TOLERANCE"}
 
 
 def load_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -76,6 +91,11 @@ def _checked(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{key} must be a number, got {cfg[key]!r}") from None
         if cfg[key] < 0 or (key not in _ZERO_ALLOWED and cfg[key] == 0):
             raise ValueError(f"{key} must be positive, got {cfg[key]!r}")
+        if key in _FRACTIONS and not cfg[key] <= 1:
+            raise ValueError(f"{key} is a fraction from 0 to 1 (0.98 = 98%), got {cfg[key]!r}")
+    if cfg["PROMOTION"] not in POLICIES:
+        raise ValueError(f"PROMOTION must be one of {', '.join(POLICIES)}, got {cfg['PROMOTION']!r}")
+    cfg["MODEL_NAMES"] = _names(cfg["MODEL_NAMES"])
     if cfg["MODEL_VERSION"] not in (None, ""):
         try:
             cfg["MODEL_VERSION"] = parse_version(cfg["MODEL_VERSION"])
@@ -84,6 +104,18 @@ def _checked(cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         cfg["MODEL_VERSION"] = None
     return cfg
+
+
+def _names(value: Any) -> list[str] | None:
+    """MODEL_NAMES as a list of checked names; None (every folder) when unset."""
+    if value in (None, ""):
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip() for n in items if str(n).strip()]
+    try:
+        return [check_name(n) for n in names] or None
+    except ValueError as e:
+        raise ValueError(f"MODEL_NAMES: {e}") from None
 
 
 class InMemoryRequest(Request):
@@ -105,16 +137,22 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["MAX_FORM_PARTS"] = max(app.config.get("MAX_FORM_PARTS") or 0, app.config["MAX_BATCH"] + 16)
     app.config["MAX_FORM_MEMORY_SIZE"] = app.config["MAX_CONTENT_LENGTH"]
 
-    manager = ModelManager(
+    registry = ModelRegistry(
         app.config["MODELS_DIR"],
         app.config["MODEL_NAME"],
+        names=app.config["MODEL_NAMES"],
         pinned=app.config["MODEL_VERSION"],
         poll_seconds=app.config["MODEL_POLL_SECONDS"],
+        policy=app.config["PROMOTION"],
+        min_accuracy=app.config["MIN_ACCURACY"],
+        tolerance=app.config["PROMOTION_TOLERANCE"],
     )
-    manager.scan()
-    app.extensions["models"] = manager
+    registry.scan()
+    app.extensions["registry"] = registry
+    # MODEL_NAME's manager, the one /readyz and the metrics' model gauge follow.
+    app.extensions["models"] = registry.default
     # Polling starts lazily in the process that serves: threads do not survive fork.
-    app.before_request(manager.ensure_polling)
+    app.before_request(registry.ensure_polling)
     app.before_request(_start_clock)
 
     errors.init_app(app)

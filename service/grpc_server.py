@@ -191,8 +191,9 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         if self.metrics is None:
             return
         endpoint = f"/{SERVICE.full_name}/{method}"
-        self.metrics.requests.labels(endpoint, "POST", str(status)).inc()
-        self.metrics.latency.labels(endpoint).observe(seconds)
+        # The answering version is known only inside ModelInfer: it labels the predictions.
+        self.metrics.requests.labels(endpoint, "POST", str(status), "", "").inc()
+        self.metrics.latency.labels(endpoint, "", "").observe(seconds)
 
     @_rpc
     def ServerLive(self, request, context):
@@ -238,7 +239,13 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         results = v2.infer(model, x)
         response = infer_response(model, request.id, results, names)
         if self.metrics is not None:
-            count_predictions(self.metrics, results["digit"])
+            count_predictions(
+                self.metrics,
+                model.name,
+                str(model.version),
+                results["digit"],
+                results["probabilities"].max(axis=1),
+            )
         return response
 
 

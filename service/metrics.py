@@ -9,19 +9,23 @@ with `MultiProcessCollector`. Without the variable (the Flask test client, a
 single process) the app's own registry is served.
 
 Metrics:
-    http_requests_total{endpoint,method,status}     requests answered
-    http_request_duration_seconds{endpoint}         latency histogram
-    mnist_predictions_total{digit}                  digits predicted (/predict, V2 infer, gRPC ModelInfer)
+    http_requests_total{endpoint,method,status,model,version}   requests answered
+    http_request_duration_seconds{endpoint,model,version}       latency histogram
+    mnist_predictions_total{digit,model,version}    digits predicted (/predict, /explain, V2, gRPC)
+    mnist_prediction_confidence{model,version}      the top probability of each prediction
     mnist_model_version{model}                      version each live worker serves (gauge, per pid)
     mnist_model_reloads_total{model}                new versions loaded by a worker
     mnist_model_rejected_versions_total{model}      versions a worker refused to load
 
 `endpoint` is the route's rule (`/v2/models/<name>/infer`), never the raw
-path, so a scanner probing random URLs cannot blow up the label set. gRPC
-calls (service/grpc_server.py) are counted in the same two series under their
+path, so a scanner probing random URLs cannot blow up the label set.
+`model` and `version` name the version that answered (empty when none did,
+e.g. /healthz or a 400), so a canary can be compared with stable. gRPC calls
+(service/grpc_server.py) are counted in the same two series under their
 method, `endpoint="/inference.GRPCInferenceService/ModelInfer"` and
 `method="POST"` (gRPC's HTTP/2 method), with the HTTP status the same error
-has over REST (400, 404, 413, 503; 200 for OK), so one query covers both.
+has over REST (400, 404, 413, 503; 200 for OK), so one query covers both;
+their predictions carry the answering version like REST's.
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from core.modelstore import LoadedModel
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CONFIDENCE_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 UNMATCHED = "<unmatched>"
 
 
@@ -52,6 +59,7 @@ class Metrics:
     requests: Counter
     latency: Histogram
     predictions: Counter
+    confidence: Histogram
     model_version: Gauge
     reloads: Counter
     rejected: Counter
@@ -73,18 +81,28 @@ def create_metrics() -> Metrics:
         requests=Counter(
             "http_requests",
             "HTTP requests answered, by route, method and status.",
-            ["endpoint", "method", "status"],
+            ["endpoint", "method", "status", "model", "version"],
             registry=registry,
         ),
         latency=Histogram(
             "http_request_duration_seconds",
             "Time from the app receiving a request to its response, by route.",
-            ["endpoint"],
+            ["endpoint", "model", "version"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         ),
         predictions=Counter(
-            "mnist_predictions", "Digits predicted, one per image.", ["digit"], registry=registry
+            "mnist_predictions",
+            "Digits predicted, one per image, by the version that answered.",
+            ["digit", "model", "version"],
+            registry=registry,
+        ),
+        confidence=Histogram(
+            "mnist_prediction_confidence",
+            "The predicted digit's probability, one per image, by the version that answered.",
+            ["model", "version"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=registry,
         ),
         # liveall: one series per live worker (label pid), so a worker stuck on an
         # old version is visible; max(mnist_model_version) is the newest served.
@@ -110,6 +128,13 @@ def create_metrics() -> Metrics:
     )
 
 
+def record_prediction(model: LoadedModel, digits: np.ndarray, probs: np.ndarray) -> None:
+    """What a prediction route answered, for the request's metrics (counted once it succeeds)."""
+    g.answered_by = model
+    g.predicted_digits = np.asarray(digits).tolist()
+    g.confidences = np.asarray(probs).max(axis=1)
+
+
 def exposition(metrics: Metrics) -> bytes:
     """The text format: all workers' values in multiprocess mode, else this process's."""
     path = multiprocess_dir()
@@ -120,50 +145,56 @@ def exposition(metrics: Metrics) -> bytes:
     return generate_latest(metrics.registry)
 
 
-def count_predictions(metrics: Metrics, digits: object) -> None:
-    """One count per predicted image, by digit: REST's after_request and gRPC's ModelInfer both call it."""
+def count_predictions(metrics: Metrics, name: str, version: str, digits: object, confidences: object) -> None:
+    """One count per predicted image, by digit, and its confidence, under the version that answered:
+    REST's after_request and gRPC's ModelInfer both call it."""
     for digit, n in enumerate(np.bincount(np.asarray(digits, dtype=np.int64), minlength=10)):
         if n:
-            metrics.predictions.labels(str(digit)).inc(int(n))
+            metrics.predictions.labels(str(digit), name, version).inc(int(n))
+    histogram = metrics.confidence.labels(name, version)
+    for c in np.asarray(confidences, dtype=np.float64).ravel():
+        histogram.observe(float(c))
 
 
 def init_app(app: Flask) -> None:
     """Create the metrics, count every request, follow the model manager, serve /metrics."""
     metrics = create_metrics()
     app.extensions["metrics"] = metrics
-    models = app.extensions.get("models")
-    if models is not None:
-        name = models.name
-        current = models.current()
-        metrics.model_version.labels(name).set(current.version if current else 0)
-        # Touch the counters so they read 0, not absent, before the first event.
-        metrics.reloads.labels(name)
-        metrics.rejected.labels(name)
+    registry = app.extensions.get("registry")
+    if registry is not None:
+        for manager in registry.managers():
+            current = manager.current()
+            metrics.model_version.labels(manager.name).set(current.version if current else 0)
+            # Touch the counters so they read 0, not absent, before the first event.
+            metrics.reloads.labels(manager.name)
+            metrics.rejected.labels(manager.name)
 
-        def on_model_event(event: str, **info: object) -> None:
+        def on_model_event(event: str, model: str = "", **info: object) -> None:
             if event == "loaded":
-                metrics.reloads.labels(name).inc()
+                metrics.reloads.labels(model).inc()
                 version = info.get("version")
                 if not isinstance(version, int):
-                    latest = models.current()
+                    latest = registry.get(model).current()
                     version = latest.version if latest else 0
-                metrics.model_version.labels(name).set(version)
+                metrics.model_version.labels(model).set(version)
             elif event == "rejected":
-                metrics.rejected.labels(name).inc()
+                metrics.rejected.labels(model).inc()
 
-        models.add_listener(on_model_event)
+        registry.add_listener(on_model_event)
 
     @app.after_request
     def _count(response: Response) -> Response:
         rule = request.url_rule
         endpoint = rule.rule if rule is not None else UNMATCHED
-        metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
+        model = g.get("answered_by")
+        name, version = (model.name, str(model.version)) if model is not None else ("", "")
+        metrics.requests.labels(endpoint, request.method, str(response.status_code), name, version).inc()
         t0 = g.get("request_t0")  # set by service.app
         if t0 is not None:
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+            metrics.latency.labels(endpoint, name, version).observe(time.perf_counter() - t0)
         digits = g.get("predicted_digits")
         if digits is not None and response.status_code == 200:
-            count_predictions(metrics, digits)
+            count_predictions(metrics, name, version, digits, g.get("confidences", ()))
         return response
 
     @app.get("/metrics")

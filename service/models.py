@@ -10,6 +10,13 @@ changes nothing for requests: its arrays are in memory.
 
 Invalid, half-written or tampered versions are recorded with the reason and
 logged once; the last good model keeps serving.
+
+Which valid version is live is the promotion policy's call (`core.promotion`,
+PROMOTION), made from the versions' recorded accuracies and the model's
+`labels.json` (`core.labels`), which every scan re-reads. A canary, when the
+labels set one, answers its share of unpinned requests. The live pair
+(stable, canary) is one tuple swapped in one assignment, so a request never
+sees a stable from one decision and a canary from another.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import datetime as dt
 import json
 import logging
 import os
+import random
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from core import modelstore
+from core import labels as labels_file
+from core import modelstore, promotion
+from core.labels import InvalidLabels, Labels
 from core.modelstore import InvalidModel, LoadedModel
 from core.network import probabilities
 from core.preprocess import DTYPE, N_INPUTS
@@ -68,6 +78,16 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+@dataclass(frozen=True)
+class Live:
+    """What answers unpinned requests: stable, and a canary taking `canary_percent` of them."""
+
+    stable: LoadedModel
+    canary: LoadedModel | None = None
+    canary_percent: float = 0.0
+    held: tuple[tuple[int, str], ...] = ()
+
+
 def validate(models_dir: Path, name: str, version: int) -> LoadedModel:
     """Load a version and prove it can serve: the store's checks plus one inference."""
     model = modelstore.load(models_dir, name, version)
@@ -90,13 +110,25 @@ class ModelManager:
         pinned: int | None = None,
         poll_seconds: float = 5.0,
         cache_size: int = 4,
+        policy: str = "gate",
+        min_accuracy: float = 0.98,
+        tolerance: float = 0.001,
+        rng: random.Random | None = None,
     ) -> None:
         self.models_dir = Path(models_dir)
         self.name = modelstore.check_name(name)
         self.pinned = pinned
         self.poll_seconds = poll_seconds
         self.cache_size = cache_size
-        self._current: LoadedModel | None = None
+        if policy not in promotion.POLICIES:
+            raise ValueError(f"unknown promotion policy {policy!r}; use one of {promotion.POLICIES}")
+        self.policy = policy
+        self.min_accuracy = min_accuracy
+        self.tolerance = tolerance
+        self._random = rng or random.Random()
+        self._live: Live | None = None
+        self._labels = Labels()
+        self._labels_error: str | None = None
         self._current_deleted = False
         self._versions: dict[int, VersionInfo] = {}
         self._cache: OrderedDict[int, LoadedModel] = OrderedDict()
@@ -109,16 +141,33 @@ class ModelManager:
 
     # --- reading -------------------------------------------------------------
 
+    @property
+    def _current(self) -> LoadedModel | None:
+        live = self._live
+        return live.stable if live else None
+
     def current(self) -> LoadedModel | None:
+        """The stable version (what /readyz reports); a canary may answer some requests."""
         return self._current
 
-    def get(self, version: int | None = None) -> LoadedModel:
-        """The model for a request: the served one, or a pinned `version` (404 if not servable)."""
-        current = self._current
-        if version is None or (current is not None and current.version == version):
-            if current is None:
+    def live(self) -> Live | None:
+        return self._live
+
+    def get(self, version: int | None = None, label: str | None = None) -> LoadedModel:
+        """The model for a request: a pinned `version` (404 if not servable), a pinned `label`,
+        or, unpinned, the stable version or (for its share of requests) the canary."""
+        live = self._live  # read once: one request, one decision
+        if label is not None:
+            return self._by_label(live, label)
+        if version is None:
+            if live is None:
                 raise ApiError(503, "no_model", self.unready_reason())
-            return current
+            if live.canary is not None and self._random.random() * 100 < live.canary_percent:
+                return live.canary
+            return live.stable
+        for model in (live.stable, live.canary) if live else ():
+            if model is not None and model.version == version:
+                return model  # pinned to a live version: no split
         with self._lock:
             model = self._cache.get(version)
             if model is not None:
@@ -142,6 +191,19 @@ class ModelManager:
                 self._remember(model)
             return model
 
+    def _by_label(self, live: Live | None, label: str) -> LoadedModel:
+        if label not in labels_file.LABELS:
+            raise ApiError(
+                400, "invalid_label", f"label must be one of {list(labels_file.LABELS)}, got {label!r}"
+            )
+        if live is None:
+            raise ApiError(503, "no_model", self.unready_reason())
+        if label == "stable":
+            return live.stable
+        if live.canary is None:
+            raise ApiError(409, "no_canary", f"model {self.name!r} has no canary set (make canary VERSION=N)")
+        return live.canary
+
     def unready_reason(self) -> str:
         if self._current is not None:
             return ""
@@ -158,14 +220,24 @@ class ModelManager:
 
     def status(self) -> dict[str, Any]:
         """Every version on disk with its metadata; which is served; why others are not."""
-        current = self._current
+        live = self._live
+        current = live.stable if live else None
+        canary = live.canary if live else None
+        held = dict(live.held) if live else {}
         versions = []
         for v, info in sorted(self._versions.items()):
             if not info.valid:
                 versions.append(_version_entry(v, info.metadata, "rejected", info.reason))
                 continue
-            state = "serving" if current and current.version == v else "available"
-            versions.append(_version_entry(v, info.metadata, state, None))
+            if current and current.version == v:
+                state, reason = "serving", None
+            elif canary and canary.version == v:
+                state, reason = "canary", None
+            elif v in held:
+                state, reason = "held", held[v]
+            else:
+                state, reason = "available", None
+            versions.append(_version_entry(v, info.metadata, state, reason))
         if current is not None and current.version not in self._versions:
             reason = "deleted from the repository; still served from memory"
             versions.append(_version_entry(current.version, current.metadata, "serving", reason))
@@ -173,6 +245,11 @@ class ModelManager:
             "name": self.name,
             "serving": current.version if current else None,
             "pinned": self.pinned,
+            "canary": canary.version if canary else None,
+            "canary_percent": live.canary_percent if canary and live else 0.0,
+            "policy": self.policy,
+            "labels": self._labels.to_json(),
+            "labels_error": self._labels_error,
             "ready": current is not None,
             "reason": None if current else self.unready_reason(),
             "poll_seconds": self.poll_seconds,
@@ -239,25 +316,64 @@ class ModelManager:
                 if info is None or info.signature != _signature(self.models_dir / self.name / str(v)):
                     self._check(v)
             self._last_scan = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            valid = [v for v, info in self._versions.items() if info.valid]
-            if self.pinned is not None:
-                target = self.pinned if self.pinned in valid else None
-            else:
-                target = max(valid, default=None)
+            self._read_labels()
+            decision = self._decide()
             current = self._current
-            if target is None or (current is not None and current.version == target):
+            if decision.stable is None:
                 return  # keep the last good model (if any)
-            model = self._cache.get(target)
-            if model is None:
-                try:
-                    model = validate(self.models_dir, self.name, target)
-                except (InvalidModel, ValueError) as e:
-                    log.warning("model %s version %d failed to reload: %s", self.name, target, e)
-                    return
-                self._remember(model)
-            self._current = model  # the one atomic swap
-            log.info("serving model %s version %d", self.name, target)
-            self._emit("loaded", version=target)
+            stable = self._loaded(decision.stable)
+            if stable is None:
+                return
+            canary = self._loaded(decision.canary) if decision.canary is not None else None
+            live = Live(
+                stable, canary, decision.canary_percent if canary else 0.0, tuple(decision.held.items())
+            )
+            old = self._live
+            self._live = live  # the one atomic swap
+            if current is None or current.version != stable.version:
+                log.info("serving model %s version %d", self.name, stable.version)
+                self._emit("loaded", version=stable.version)
+            old_canary = old.canary.version if old and old.canary else None
+            if (canary.version if canary else None) != old_canary:
+                if canary:
+                    log.info(
+                        "model %s canary version %d at %g%%", self.name, canary.version, live.canary_percent
+                    )
+                else:
+                    log.info("model %s has no canary", self.name)
+
+    def _read_labels(self) -> None:
+        """Re-read labels.json; a broken file is logged once and the last good labels stay."""
+        try:
+            self._labels = labels_file.read(self.models_dir, self.name)
+        except InvalidLabels as e:
+            if str(e) != self._labels_error:
+                log.warning("model %s: ignoring %s: %s", self.name, labels_file.LABELS_FILE, e)
+            self._labels_error = str(e)
+            return
+        self._labels_error = None
+
+    def _decide(self) -> promotion.Decision:
+        valid = {v: _accuracy(info.metadata) for v, info in self._versions.items() if info.valid}
+        if self.pinned is not None:  # MODEL_VERSION stands above labels and policy
+            return promotion.Decision(self.pinned if self.pinned in valid else None)
+        return promotion.decide(valid, self._labels, self.policy, self.min_accuracy, self.tolerance)
+
+    def _loaded(self, version: int) -> LoadedModel | None:
+        """A valid version's model, from the cache or loaded again (None, logged, if that fails)."""
+        model = self._cache.get(version)
+        live = self._live
+        for m in (live.stable, live.canary) if live else ():
+            if m is not None and m.version == version and model is None:
+                model = m
+        if model is None:
+            try:
+                model = validate(self.models_dir, self.name, version)
+            except (InvalidModel, ValueError) as e:
+                log.warning("model %s version %d failed to reload: %s", self.name, version, e)
+                return None
+            self._remember(model)
+        return model
 
     # --- polling ---------------------------------------------------------------
 

@@ -8,6 +8,8 @@ service through these routes:
     GET  /v2/models/<name>[/versions/<v>]             model metadata
     GET  /v2/models/<name>[/versions/<v>]/ready       model readiness
     POST /v2/models/<name>[/versions/<v>]/infer       inference
+    POST /v2/repository/index                         every model's versions, states and labels
+                                                      (Triton's and MLServer's repository extension)
 
 The model has one input, `input`: [N, 784] or [N, 28, 28], FP32 in [0, 1]
 (the network's own input, used as is) or UINT8 in 0..255 (scaled by
@@ -37,12 +39,13 @@ from flask import Blueprint, Response, current_app, g, request
 
 from core.modelstore import LoadedModel, parse_version
 from core.preprocess import IMAGE_SIDE, N_INPUTS, to_vectors
+from service import metrics
 from service.errors import V2_PREFIX, ApiError, json_response
 from service.inference import classify_inputs
 
 SERVER_NAME = "mnist-serving"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ("binary_tensor_data",)
+EXTENSIONS = ("binary_tensor_data", "model_repository")
 PLATFORM = "numpy_mlp"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 INPUT_NAME = "input"
@@ -330,9 +333,13 @@ bp = Blueprint("v2", __name__, url_prefix=V2_PREFIX)
 
 def _model(name: str, version: str | None) -> LoadedModel:
     """The served (or pinned) model; the manager's errors answer in the V2 shape like any other."""
-    models = current_app.extensions["models"]
-    if name != models.name:
-        raise V2Error(404, f"unknown model {name!r}; this server serves {models.name!r}")
+    registry = current_app.extensions["registry"]
+    try:
+        models = registry.get(name)
+    except ApiError:
+        raise V2Error(
+            404, f"unknown model {name!r}; this server serves {', '.join(registry.names())}"
+        ) from None
     number = None
     if version is not None:
         try:
@@ -344,7 +351,7 @@ def _model(name: str, version: str | None) -> LoadedModel:
 
 def _versions(model: LoadedModel) -> list[int]:
     """Every version a client may pin: the valid ones the manager lists, and the served one."""
-    status = current_app.extensions["models"].status()
+    status = current_app.extensions["registry"].get(model.name).status()
     versions = {model.version}
     for entry in status.get("versions", []):
         if (
@@ -402,9 +409,52 @@ def infer_view(name: str, version: str | None = None) -> Response:
     )
     req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), config["MAX_BATCH"])
     results = infer(model, req.x)
-    g.predicted_digits = results["digit"].tolist()
+    metrics.record_prediction(model, results["digit"], results["probabilities"])
     response_id = req.id if req.id is not None else g.get("request_id")
     payload, header_length = encode_response(model, req, results, response_id)
     if header_length is None:
         return Response(payload, mimetype="application/json")
     return Response(payload, mimetype="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+
+def repository_index(statuses: list[dict[str, Any]], ready_only: bool = False) -> list[dict[str, Any]]:
+    """One entry per model version: the protocol's READY/UNAVAILABLE, why, and its labels."""
+    index = []
+    for status in statuses:
+        for entry in status["versions"]:
+            state = entry["state"]
+            labels = {"serving": ["stable"], "canary": ["canary"]}.get(state, [])
+            ready = state != "rejected"
+            if ready_only and not ready:
+                continue
+            reason = entry.get("reason") or ""
+            if state == "held":
+                reason = f"held: {reason}"
+            index.append(
+                {
+                    "name": status["name"],
+                    "version": str(entry["version"]),
+                    "state": "READY" if ready else "UNAVAILABLE",
+                    "reason": reason,
+                    "labels": labels,
+                }
+            )
+    return index
+
+
+@bp.post("/repository/index")
+def repository_index_view() -> Response:
+    raw = request.get_data(cache=False)
+    doc: Any = {}
+    if raw.strip():
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise V2Error(400, f"malformed JSON request: {e}") from None
+    if not isinstance(doc, dict):
+        raise V2Error(400, "the request must be a JSON object")
+    ready_only = doc.get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise V2Error(400, "ready must be a boolean")
+    managers = current_app.extensions["registry"].managers()
+    return json_response(repository_index([m.status() for m in managers], ready_only))

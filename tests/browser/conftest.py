@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, SHIPPED_MODEL, Server, start_gunicorn
+from tests.helpers import ROOT, SHIPPED_MODEL, SHIPPED_SEED_MODEL, Server, start_gunicorn
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # Never a downloaded browser, and nothing that phones home.
@@ -34,11 +34,12 @@ def artifacts() -> Path:
 
 @pytest.fixture(scope="session")
 def served_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the shipped model, isolated from the repo: the page is tested with what a clone serves."""
-    if not (SHIPPED_MODEL / "model.json").exists():
-        pytest.fail(f"{SHIPPED_MODEL} is missing: the page is tested with the shipped model")
+    """A copy of the shipped models, isolated from the repo: the page is tested with what a clone serves."""
     root = tmp_path_factory.mktemp("browser-models")
-    shutil.copytree(SHIPPED_MODEL, root / "mnist" / SHIPPED_MODEL.name)
+    for model in (SHIPPED_MODEL, SHIPPED_SEED_MODEL):
+        if not (model / "model.json").exists():
+            pytest.fail(f"{model} is missing: the page is tested with the shipped models")
+        shutil.copytree(model, root / model.parent.name / model.name)
     return root
 
 

@@ -1,5 +1,5 @@
-"""The draw-a-digit page in headless Chromium: draw 1, 7, 0 with the mouse, clear, upload, the explanation;
-two viewports."""
+"""The draw-a-digit page in headless Chromium: draw 1, 7, 0 with the mouse, clear, upload, the explanation,
+pick a model, compare both; two viewports."""
 
 from __future__ import annotations
 
@@ -196,3 +196,27 @@ def test_explanation_is_shown_as_you_draw(page, artifacts):
         and canvas_pixels(page, "saliency")[..., :3].max() == 0
     )
     assert page.locator("#why").text_content() == "Why this digit?"
+
+
+def test_model_picker_and_compare_view(page, artifacts):
+    assert page.locator("#picker option").all_text_contents() == ["mnist", "mnist-seed"]
+    draw(page, ONE)
+    assert shown_digit(page, "1") == "1"
+    assert page.locator("#version").text_content() == f"mnist v{SHIPPED_VERSION}"
+    page.select_option("#picker", "mnist-seed")
+    page.wait_for_function(
+        "document.getElementById('version').textContent === 'mnist-seed v1'", timeout=10_000
+    )
+
+    page.check("#compare")
+    page.wait_for_function("document.querySelectorAll('#compare-view .side').length === 2", timeout=10_000)
+    tiles = page.locator("#compare-view .side")
+    assert [tiles.nth(i).get_attribute("data-model") for i in range(2)] == ["mnist", "mnist-seed"]
+    assert tiles.nth(0).locator(".who").text_content() == f"mnist v{SHIPPED_VERSION}"
+    assert tiles.nth(1).locator(".who").text_content() == "mnist-seed v1"
+    assert tiles.nth(0).locator(".d").text_content() == "1"
+    assert tiles.nth(1).locator(".d").text_content() in list("0123456789")
+    assert page.locator("#compare-view").is_visible()
+    screenshot(page, artifacts / f"{page.viewport_name}-compare.png")
+    page.uncheck("#compare")
+    assert not page.locator("#compare-view").is_visible()

@@ -3,7 +3,8 @@
 1. the shipped model answers real MNIST PNGs exactly as offline evaluation does;
 2. the containers keep their promises (non-root, read-only, no torch, an init; only nginx published);
 3. hostile inputs get 4xx JSON, the oversized body nginx's own 413, and every container stays healthy;
-4. the trainer container publishes a version the running replicas take up live.
+4. the trainer container's 1-epoch version is held by the promotion gate, then promoted by
+   hand (python -m core.release promote) and taken up live by every replica.
 
 The tests share one stack (tests/e2e/conftest.py) and run in file order:
 step 4 needs the model of step 1 to have been the shipped one. What the front
@@ -239,7 +240,9 @@ def test_hostile_inputs_get_4xx_and_every_container_stays_healthy(stack: Stack, 
     assert '"status":413' in lines[0] and '"upstream":""' in lines[0], lines[0]
 
 
-def test_trainer_container_publishes_a_version_served_live(stack: Stack, test_set, timer: Timer) -> None:
+def test_trainer_container_publishes_a_version_held_then_promoted(
+    stack: Stack, test_set, timer: Timer
+) -> None:
     old = served_version(stack)
     assert old is not None
     before = started(stack)
@@ -259,26 +262,51 @@ def test_trainer_container_publishes_a_version_served_live(stack: Stack, test_se
         assert version_dir.is_dir(), f"the trainer did not publish version {new}\n{run.stdout[-3000:]}"
         # Publishing renames the finished folder into models/mnist/: that is the parent's mtime.
         published = version_dir.parent.stat().st_mtime
-        # Each worker rescans every poll interval, then validates the version (well under a second).
-        deadline = published + stack.poll_seconds + SWITCH_MARGIN
-        with timer.step("wait for /readyz to report the new version"):
+        # One epoch is below the shipped model's accuracy: the gate (PROMOTION=gate) holds it.
+        with timer.step("wait past the poll interval: the 1-epoch version must be held"):
+            time.sleep(max(0.0, published + stack.poll_seconds + SWITCH_MARGIN - time.time()) + 2)
+        status = requests.get(f"{stack.url}/models", timeout=10).json()
+        held = {v["version"]: v for v in status["versions"]}[new]
+        assert status["serving"] == old and held["state"] == "held", status
+        assert "test accuracy" in held["reason"], held
+        assert set(stack.replica_versions().values()) == {old}, "a replica took the held version"
+        r = requests.post(
+            f"{stack.url}/predict?version={new}", data=png(test_set[0][0]),
+            headers={"Content-Type": "image/png"}, timeout=30,
+        )  # fmt: skip
+        assert r.status_code == 200 and r.json()["model"]["version"] == new  # held, yet reachable
+        early_new = [o for o in client.outcomes if o[2] == new]
+        assert not early_new, f"unpinned answers from the held version {new}: {early_new[:5]}"
+
+        # Promoted by hand on the host: the CLI writes ./models/mnist/labels.json, every replica follows.
+        with timer.step("promote the held version (python -m core.release promote)"):
+            promote = subprocess.run(
+                [sys.executable, "-m", "core.release", "promote", str(new)],
+                cwd=stack.repo, env={**stack.env, "MODELS_DIR": "models", "MODEL_NAME": "mnist"},
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+        assert promote.returncode == 0, promote.stderr
+        assert f"stable: {old} -> {new}" in promote.stdout, promote.stdout
+        promoted = (stack.repo / "models" / "mnist" / "labels.json").stat().st_mtime
+        deadline = promoted + stack.poll_seconds + SWITCH_MARGIN
+        with timer.step("wait for /readyz to report the promoted version"):
             while served_version(stack) != new and time.time() < deadline + 10:
                 time.sleep(0.2)
         time.sleep(max(0.0, deadline - time.time()) + 2)  # answers after the deadline must all be new
 
     status = requests.get(f"{stack.url}/models", timeout=10).json()
-    assert status["serving"] == new, status
+    assert status["serving"] == new and status["labels"]["stable"] == new, status
     assert set(stack.replica_versions().values()) == {new}, "a replica did not switch"
-    assert new in [v["version"] for v in status["versions"]], status
     failures = [o for o in client.outcomes if o[1] != 200]
     assert not failures, f"{len(failures)} failed requests during the switch: {failures[:5]}"
     late_old = [o for o in client.outcomes if o[0] > deadline and o[2] != new]
     assert not late_old, f"answers from version {old} after the poll interval: {late_old[:5]}"
     first_new = min(o[0] for o in client.outcomes if o[2] == new)
+    assert first_new > promoted - 1, "the held version answered unpinned requests before its promotion"
     assert started(stack) == before, "an api container restarted"
     timer.note(
-        f"{len(client.outcomes)} requests while training and switching, 0 failed; first answer from "
-        f"version {new} {first_new - published:.1f} s after it was published (poll interval "
+        f"{len(client.outcomes)} requests while training, holding and promoting, 0 failed; first answer "
+        f"from version {new} {first_new - promoted:.1f} s after it was promoted (poll interval "
         f"{stack.poll_seconds} s), same container"
     )
 
@@ -288,3 +316,16 @@ def test_trainer_container_publishes_a_version_served_live(stack: Stack, test_se
         assert f.stat().st_mode & 0o004, f"{f} is not world-readable"
     r = post_png(stack.url, png(test_set[0][0]))
     assert r.status_code == 200 and r.json()["model"]["version"] == new
+
+    # Roll back: the shipped version serves again on every replica (and the front-door tests,
+    # which publish a copy of the served version, start from the shipped model's accuracy).
+    back = subprocess.run(
+        [sys.executable, "-m", "core.release", "rollback"],
+        cwd=stack.repo, env={**stack.env, "MODELS_DIR": "models", "MODEL_NAME": "mnist"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert back.returncode == 0 and f"stable: {new} -> {old}" in back.stdout, back.stdout + back.stderr
+    deadline = time.time() + stack.poll_seconds + SWITCH_MARGIN + 10
+    while set(stack.replica_versions().values()) != {old} and time.time() < deadline:
+        time.sleep(0.5)
+    assert set(stack.replica_versions().values()) == {old}, "a replica did not roll back"

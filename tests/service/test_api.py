@@ -97,7 +97,7 @@ def test_readyz_without_model_is_503_with_reason(tmp_path):
 
 
 def test_models_lists_versions_metadata_and_rejections(models_dir: Path):
-    publish(models_dir, random_net(2), accuracy=0.9)
+    publish(models_dir, random_net(2), accuracy=0.995)
     bad = models_dir / "mnist" / "3"
     shutil.copytree(models_dir / "mnist" / "1", bad)
     (bad / "weights.npz").write_bytes(b"tampered")
@@ -106,7 +106,7 @@ def test_models_lists_versions_metadata_and_rejections(models_dir: Path):
     assert body["name"] == "mnist" and body["serving"] == 2 and body["ready"] is True
     by_version = {v["version"]: v for v in body["versions"]}
     assert by_version[1]["state"] == "available"
-    assert by_version[2]["state"] == "serving" and by_version[2]["accuracy"] == 0.9
+    assert by_version[2]["state"] == "serving" and by_version[2]["accuracy"] == 0.995
     assert by_version[2]["architecture"]["sizes"] == [784, 30, 10] and by_version[2]["created"]
     assert by_version[3]["state"] == "rejected" and "sha256" in by_version[3]["reason"]
 

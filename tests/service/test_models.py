@@ -147,7 +147,7 @@ def test_status_reports_metadata(models_dir):
     status = m.status()
     assert status["serving"] == 1 and status["ready"] and status["last_scan"]
     v = status["versions"][0]
-    assert v["accuracy"] == 0.5 and v["architecture"]["sizes"] == [784, 30, 10]
+    assert v["accuracy"] == 0.99 and v["architecture"]["sizes"] == [784, 30, 10]
     assert "files" not in v["metadata"]
 
 
