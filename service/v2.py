@@ -334,6 +334,8 @@ bp = Blueprint("v2", __name__, url_prefix=V2_PREFIX)
 def _model(name: str, version: str | None) -> LoadedModel:
     """The served (or pinned) model; the manager's errors answer in the V2 shape like any other."""
     registry = current_app.extensions["registry"]
+    if not name:  # the registry's default is for /predict; the protocol always names its model
+        raise V2Error(404, f"unknown model ''; this server serves {', '.join(registry.names())}")
     try:
         models = registry.get(name)
     except ApiError:

@@ -165,13 +165,14 @@ def test_predictions_and_calls_are_in_the_shared_metrics(served, mnist):
     with pytest.raises(InferenceServerException):
         client.infer("nope", [infer_input(mnist.test_images[:1])])
     after = scrape()
-    digits = r'mnist_predictions_total\{digit="\d"'
+    # Labels come sorted: the predictions carry the answering version, the calls none.
+    digits = r'mnist_predictions_total\{digit="\d",model="mnist",version="1"'
     assert total(after, digits) - total(before, digits) == 10
-    ok = r'http_requests_total\{endpoint="' + INFER + r'",method="POST",status="200"'
-    missing = r'http_requests_total\{endpoint="' + INFER + r'",method="POST",status="404"'
+    ok = r'http_requests_total\{endpoint="' + INFER + r'",method="POST",model="",status="200",version=""'
+    missing = r'http_requests_total\{endpoint="' + INFER + r'",method="POST",model="",status="404",version=""'
     assert total(after, ok) - total(before, ok) == 1
     assert total(after, missing) - total(before, missing) == 1
-    assert 'http_request_duration_seconds_count{endpoint="' + INFER + '"}' in after
+    assert 'http_request_duration_seconds_count{endpoint="' + INFER + '",model="",version=""}' in after
 
 
 # --- bad input: the right status, never UNKNOWN, never a dead server ----------------------------
