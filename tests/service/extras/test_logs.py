@@ -66,7 +66,7 @@ def _access_line(app, formatter: logging.Formatter, url: str, **headers: str) ->
 
 
 def test_access_line_shapes(app):
-    doc = json.loads(_access_line(app, logs.JsonFormatter(), "/x", **{"X-Request-ID": "r"}))
+    doc = json.loads(_access_line(app, logs.AccessFormatter(), "/x", **{"X-Request-ID": "r"}))
     assert doc["logger"] == "access" and doc["message"] == "GET /x 404" and doc["request_id"] == "r"
     assert {"ts", "level", "pid", "method", "path", "status", "duration_ms", "bytes", "remote"} <= set(doc)
     text = _access_line(app, logging.Formatter(logs.TEXT_FORMAT), "/x")
@@ -97,7 +97,7 @@ def test_access_line_remote_is_the_client_behind_trusted_proxies(models_dir, hop
     is not trusted, so a client cannot pick the address its requests are logged under."""
     app = create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0, "TRUSTED_PROXIES": hops})
     forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
-    doc = json.loads(_access_line(app, logs.JsonFormatter(), "/healthz", **forwarded))
+    doc = json.loads(_access_line(app, logs.AccessFormatter(), "/healthz", **forwarded))
     if hops:
         assert doc["remote"] == "203.0.113.7"
     else:
