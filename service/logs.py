@@ -74,10 +74,10 @@ class AccessFormatter(JsonFormatter):
     """The access line: the keys of every JSON line plus the request's fields, nothing scanned.
 
     It is the one line every request pays for. python-json-logger's generic
-    path inspects every attribute of the record to find the extras, which made
-    the access line cost about 70 us against 25 us before, and /predict 16 %
-    slower in the A/B of docs/benchmarks.md; the fields travel in one
-    attribute, `access`, instead.
+    path inspects every attribute of the record to find the extras, which
+    costs about 30 us more per line, a few per cent of a /predict
+    (`python -m bench.access_line`, docs/benchmarks.md); here the fields travel
+    in one attribute, `access`, instead.
     """
 
     def format(self, record: logging.LogRecord) -> str:
