@@ -42,6 +42,7 @@ from core.modelstore import InvalidModel, LoadedModel
 from core.network import probabilities
 from core.preprocess import DTYPE, N_INPUTS
 from service.errors import ApiError
+from service.poller import Poller
 
 log = logging.getLogger(__name__)
 N_CLASSES = 10
@@ -136,8 +137,7 @@ class ModelManager:
         self._lock = threading.RLock()
         self._last_scan: str | None = None
         self._scan_error: str | None = None
-        self._poller_pid: int | None = None
-        self._stop = threading.Event()
+        self._poller = Poller(self.scan, poll_seconds, f"model {self.name}")
 
     # --- reading -------------------------------------------------------------
 
@@ -378,32 +378,11 @@ class ModelManager:
     # --- polling ---------------------------------------------------------------
 
     def ensure_polling(self) -> None:
-        """Start this process's poller if it has none: threads do not survive gunicorn's fork."""
-        pid = os.getpid()
-        if self._poller_pid == pid or self.poll_seconds <= 0:
-            return
-        with self._lock:
-            if self._poller_pid == pid:
-                return
-            self._poller_pid = pid
-            self._stop = threading.Event()
-            # Scan now, not only from the thread: a worker that has been idle since it
-            # booted must not answer its first request with the model it booted with.
-            self._scan_logged()
-            threading.Thread(target=self._poll, name="model-poller", daemon=True).start()
+        """Start this process's poller (service.poller) if it has none."""
+        self._poller.ensure()
 
     def stop(self) -> None:
-        self._stop.set()
-
-    def _scan_logged(self) -> None:
-        try:
-            self.scan()
-        except Exception:  # the poller must outlive any surprise in the repository
-            log.exception("model scan failed")
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            self._scan_logged()
+        self._poller.stop()
 
 
 def _version_entry(version: int, metadata: dict[str, Any], state: str, reason: str | None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 from core import modelstore
 from service.errors import ApiError
 from service.models import Listener, ModelManager
+from service.poller import Poller
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,7 @@ class ModelRegistry:
         self._options = manager_options
         self._listeners: list[Listener] = []
         self._lock = threading.RLock()
-        self._poller_pid: int | None = None
-        self._stop = threading.Event()
+        self._poller = Poller(self.scan, poll_seconds, "model repository")
         self._managers: dict[str, ModelManager] = {}
         self._add(self.default_name, pinned)
 
@@ -123,25 +123,8 @@ class ModelRegistry:
     # --- polling ---------------------------------------------------------------
 
     def ensure_polling(self) -> None:
-        """Start this process's poller if it has none: threads do not survive gunicorn's fork."""
-        pid = os.getpid()
-        if self._poller_pid == pid or self.poll_seconds <= 0:
-            return
-        with self._lock:
-            if self._poller_pid == pid:
-                return
-            self._poller_pid = pid
-            self._stop = threading.Event()
-            # Scan now: a worker idle since it booted must not answer with the model it booted with.
-            self.scan()
-            threading.Thread(target=self._poll, name="model-poller", daemon=True).start()
+        """Start this process's poller (service.poller) if it has none: one for every model."""
+        self._poller.ensure()
 
     def stop(self) -> None:
-        self._stop.set()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.scan()
-            except Exception:
-                log.exception("model scan failed")
+        self._poller.stop()
