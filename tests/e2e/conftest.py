@@ -27,10 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
-from tests.helpers import free_port
+from tests.helpers import free_port, read_idx
 from trainer.data import RAW_FILES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,6 +230,14 @@ class Clients:
     def p99(self) -> float:
         seconds = sorted(o[3] for o in self.outcomes)
         return seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))]
+
+
+def mnist_test_sample(repo: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random sample of `n` MNIST test images (uint8, 28×28) and labels, from a clone's ./data."""
+    raw = repo / "data" / "MNIST" / "raw"
+    images, labels = read_idx(raw / "t10k-images-idx3-ubyte"), read_idx(raw / "t10k-labels-idx1-ubyte")
+    idx = np.random.default_rng(0).choice(len(images), n, replace=False)
+    return images[idx], labels[idx]
 
 
 def fill_mnist(data_dir: Path) -> None:

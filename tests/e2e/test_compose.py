@@ -25,7 +25,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.e2e.conftest import Clients, Stack, Timer
+from tests.e2e.conftest import Clients, Stack, Timer, mnist_test_sample
 from tests.helpers import SHIPPED_MODEL, SHIPPED_VERSION
 
 N_IMAGES = 1000  # enough for the accuracy check to mean something (> 98 %)
@@ -33,10 +33,6 @@ MAX_CONTENT_LENGTH = 4 * 1024 * 1024  # the service's default (service/app.py) =
 SWITCH_MARGIN = 2.0  # seconds beyond the poll interval for a worker to validate and swap
 
 pytestmark = pytest.mark.timeout(1800)
-
-
-def read_idx(path: os.PathLike, offset: int) -> np.ndarray:
-    return np.frombuffer(open(path, "rb").read(), np.uint8, offset=offset)
 
 
 def png(image: np.ndarray) -> bytes:
@@ -52,11 +48,7 @@ def post_png(url: str, body: bytes, timeout: float = 30) -> requests.Response:
 @pytest.fixture(scope="module")
 def test_set(stack: Stack) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random sample of the MNIST test split, from the clone's ./data."""
-    raw = stack.repo / "data" / "MNIST" / "raw"
-    images = read_idx(raw / "t10k-images-idx3-ubyte", 16).reshape(-1, 28, 28)
-    labels = read_idx(raw / "t10k-labels-idx1-ubyte", 8)
-    idx = np.random.default_rng(0).choice(len(images), N_IMAGES, replace=False)
-    return images[idx], labels[idx]
+    return mnist_test_sample(stack.repo, N_IMAGES)
 
 
 def offline(stack: Stack, version: int, images: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.e2e.conftest import ROOT, SHARED, Clients, Timer, fill_mnist, free_port
+from tests.e2e.conftest import ROOT, SHARED, Clients, Timer, fill_mnist, free_port, mnist_test_sample
 from tests.helpers import SHIPPED_VERSION
 
 pytestmark = pytest.mark.timeout(900)
@@ -64,10 +64,6 @@ READYZ_VERSION = (
     "except Exception as e:\n"
     "    print(type(e).__name__)\n"
 )
-
-
-def read_idx(path: os.PathLike, offset: int) -> np.ndarray:
-    return np.frombuffer(Path(path).read_bytes(), np.uint8, offset=offset)
 
 
 def png(image: np.ndarray) -> bytes:
@@ -298,11 +294,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, timer: Timer) -> Iterator[Sw
 @pytest.fixture(scope="module")
 def test_set(swarm: Swarm) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random sample of the MNIST test split, from the clone's ./data."""
-    raw = swarm.repo / "data" / "MNIST" / "raw"
-    images = read_idx(raw / "t10k-images-idx3-ubyte", 16).reshape(-1, 28, 28)
-    labels = read_idx(raw / "t10k-labels-idx1-ubyte", 8)
-    idx = np.random.default_rng(0).choice(len(images), N_IMAGES, replace=False)
-    return images[idx], labels[idx]
+    return mnist_test_sample(swarm.repo, N_IMAGES)
 
 
 @pytest.fixture(scope="module")
