@@ -196,15 +196,21 @@ def check_output(name: Any, chosen: list[str]) -> str:
     return name
 
 
-def parse_infer_request(body: bytes, header_length: str | None, max_batch: int) -> InferRequest:
-    """Validate an inference request body (JSON header plus optional binary tensors)."""
-    header, raw = split_body(body, header_length)
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object, or the protocol's 400."""
     try:
-        doc = json.loads(header)
+        doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise V2Error(400, f"malformed JSON request: {e}") from None
     if not isinstance(doc, dict):
         raise V2Error(400, "the request must be a JSON object")
+    return doc
+
+
+def parse_infer_request(body: bytes, header_length: str | None, max_batch: int) -> InferRequest:
+    """Validate an inference request body (JSON header plus optional binary tensors)."""
+    header, raw = split_body(body, header_length)
+    doc = json_object(header)
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise V2Error(400, "id must be a string")
@@ -447,14 +453,7 @@ def repository_index(statuses: list[dict[str, Any]], ready_only: bool = False) -
 @bp.post("/repository/index")
 def repository_index_view() -> Response:
     raw = request.get_data(cache=False)
-    doc: Any = {}
-    if raw.strip():
-        try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise V2Error(400, f"malformed JSON request: {e}") from None
-    if not isinstance(doc, dict):
-        raise V2Error(400, "the request must be a JSON object")
+    doc = json_object(raw) if raw.strip() else {}
     ready_only = doc.get("ready", False)
     if not isinstance(ready_only, bool):
         raise V2Error(400, "ready must be a boolean")
