@@ -453,7 +453,7 @@ def repository_index(statuses: list[dict[str, Any]], ready_only: bool = False) -
 @bp.post("/repository/index")
 def repository_index_view() -> Response:
     raw = request.get_data(cache=False)
-    doc = json_object(raw) if raw.strip() else {}
+    doc = json_object(raw) if raw.strip(b" \t\r\n") else {}  # JSON's whitespace only: "\v" is no JSON
     ready_only = doc.get("ready", False)
     if not isinstance(ready_only, bool):
         raise V2Error(400, "ready must be a boolean")
