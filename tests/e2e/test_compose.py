@@ -317,7 +317,7 @@ def test_trainer_container_publishes_a_version_held_then_promoted(
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert back.returncode == 0 and f"stable: {new} -> {old}" in back.stdout, back.stdout + back.stderr
-    deadline = time.time() + stack.poll_seconds + SWITCH_MARGIN + 10
-    while set(stack.replica_versions().values()) != {old} and time.time() < deadline:
-        time.sleep(0.5)
+    # Every worker rescans within the poll interval; asking a replica reaches one of its workers,
+    # so the verdict waits for the interval rather than for the first replies.
+    time.sleep(stack.poll_seconds + SWITCH_MARGIN)
     assert set(stack.replica_versions().values()) == {old}, "a replica did not roll back"
