@@ -6,7 +6,8 @@ Environment (default):
     WEB_CONCURRENCY           2          worker processes (one per core)
     GUNICORN_WORKER_CLASS     gthread    beat sync in the README benchmark; keeps connections alive
     GUNICORN_THREADS          4          threads per gthread worker (slow clients do not block a worker)
-    GUNICORN_WORKER_CONNECTIONS threads+1 connections one worker holds at once; see below
+    GUNICORN_WORKER_CONNECTIONS threads+1 connections one worker holds at once (1000 for a lone
+                                         worker); see below
     GUNICORN_TIMEOUT          30         seconds before a stuck worker is killed and replaced
     GUNICORN_GRACEFUL_TIMEOUT 20         seconds in-flight requests get on TERM / HUP
     GUNICORN_KEEPALIVE        5          seconds an idle keep-alive connection stays open
@@ -41,7 +42,7 @@ from core.threads import pin_blas_threads
 
 pin_blas_threads(1)
 
-from service.logs import gunicorn_logconfig  # noqa: E402 - after the thread settings
+from service.logs import GunicornLogger, gunicorn_logconfig  # noqa: E402 - after the thread settings
 
 
 def _tmp_base() -> str | None:
@@ -80,10 +81,11 @@ threads = _int_env("GUNICORN_THREADS", 4, 1)
 # A gthread worker accepts every connection it can, so keep-alive clients that connect
 # together (a load balancer's pool, a benchmark) can all land on one worker while the other
 # core idles: with 2 workers on 2 cores /predict ran at ~620 req/s in such runs, ~1300 otherwise.
-# Holding at most threads+1 connections per worker sends the rest to the other workers, and
-# beyond one parked keep-alive a worker answers "Connection: close", so clients reconnect and
-# spread again. Clients over the total wait in the listen backlog, as with sync workers.
-worker_connections = _int_env("GUNICORN_WORKER_CONNECTIONS", threads + 1, 1)
+# With several workers, holding at most threads+1 connections per worker sends the rest to the
+# other workers, and beyond one parked keep-alive a worker answers "Connection: close", so
+# clients reconnect and spread again. A lone worker (one per replica behind nginx, which balances
+# the replicas itself) has no one to share with: it keeps every connection nginx reuses.
+worker_connections = _int_env("GUNICORN_WORKER_CONNECTIONS", threads + 1 if workers > 1 else 1000, 1)
 timeout = _int_env("GUNICORN_TIMEOUT", 30, 0)
 graceful_timeout = _int_env("GUNICORN_GRACEFUL_TIMEOUT", 20, 0)
 keepalive = _int_env("GUNICORN_KEEPALIVE", 5, 0)
@@ -92,6 +94,7 @@ accesslog = os.environ.get("GUNICORN_ACCESS_LOG", "") or None
 errorlog = "-"
 # gunicorn's own lines as JSON too, through the app's formatter (LOG_FORMAT=text for humans).
 logconfig_dict = gunicorn_logconfig()
+logger_class = GunicornLogger  # no access atoms built for lines nobody writes
 
 # One send per response, so that nginx can retry any request a killed replica did not answer
 # (service/gunicorn_response.py); file responses take the same path.

@@ -100,8 +100,20 @@ def model_dir(requested: str | None, workdir: Path, hidden: int | None = None) -
     return workdir / "models", "random-weight [784, 100, 10] (no models/mnist yet)"
 
 
-def wrk(url: str, script: Path | None, connections: int, duration: float) -> dict[str, float]:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "--timeout", "10s"]
+def wrk(
+    url: str, script: Path | None, connections: int, duration: float, prefix: list[str] | None = None
+) -> dict[str, float]:
+    """One wrk run (one thread); `prefix` runs it under another command, such as nsenter."""
+    cmd = [
+        *(prefix or []),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        "--latency",
+        "--timeout",
+        "10s",
+    ]
     if script:
         cmd += ["-s", str(script)]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout

@@ -165,20 +165,31 @@ def test_only_nginx_is_published_and_it_runs_non_root_read_only(stack: Stack) ->
 
 
 def test_one_request_id_and_the_client_address_follow_a_request_through_both_logs(stack: Stack) -> None:
-    rid = f"e2e-trace-{time.time_ns()}"
-    r = requests.get(f"{stack.url}/readyz", headers={"X-Request-ID": rid}, timeout=10)
-    assert r.status_code == 200 and r.headers["X-Request-ID"] == rid
+    """nginx writes one line per request; the api (ACCESS_LOG=errors) adds its own for failures."""
+    ok, failed = (f"e2e-trace-{kind}-{time.time_ns()}" for kind in ("ok", "failed"))
+    r = requests.get(f"{stack.url}/readyz", headers={"X-Request-ID": ok}, timeout=10)
+    assert r.status_code == 200 and r.headers["X-Request-ID"] == ok
+    r = requests.post(
+        f"{stack.url}/predict",
+        data=b"not an image",
+        headers={"Content-Type": "image/png", "X-Request-ID": failed},
+        timeout=10,
+    )
+    assert 400 <= r.status_code < 500 and r.headers["X-Request-ID"] == failed, r.text
     fresh = requests.get(f"{stack.url}/healthz", timeout=10).headers["X-Request-ID"]
     assert len(fresh) == 32, "nginx makes an id when the client sends none"
     time.sleep(1.5)  # nginx flushes its buffered access log every second
-    lines = {}
+    lines: dict[str, dict[str, dict]] = {ok: {}, failed: {}}
     for line in stack.logs(tail=500).splitlines():
         service, _, text = line.partition("|")
-        if rid in text and text.strip().startswith("{"):
-            lines[service.split("-")[0].strip()] = json.loads(text)
-    assert set(lines) == {"nginx", "api"}, lines
+        for rid, found in lines.items():
+            if rid in text and text.strip().startswith("{"):
+                found[service.split("-")[0].strip()] = json.loads(text)
+    assert set(lines[ok]) == {"nginx"}, lines[ok]
+    assert set(lines[failed]) == {"nginx", "api"}, lines[failed]
+    assert lines[failed]["api"]["status"] == lines[failed]["nginx"]["status"] == r.status_code
     # The api saw nginx's X-Forwarded-For (TRUSTED_PROXIES=1): the client's address, not nginx's.
-    assert lines["api"]["remote"] == lines["nginx"]["remote"], lines
+    assert lines[failed]["api"]["remote"] == lines[failed]["nginx"]["remote"], lines[failed]
 
 
 def test_hostile_inputs_get_4xx_and_every_container_stays_healthy(stack: Stack, test_set) -> None:

@@ -37,7 +37,11 @@ pytestmark = pytest.mark.timeout(900)
 
 HERE = Path(__file__).resolve().parent
 SLOW_HEADERS = 300  # connections that trickle a request header
-SLOW_BODIES = 24  # connections that trickle a POST body (each holds an inference slot while it does)
+# nginx sends each replica at most 32 requests at once (max_conns in nginx.conf): the cap.
+INFERENCE_CAP = 32 * API_REPLICAS
+# Connections that trickle a POST body: more than twice the cap, none of which may hold a slot
+# (nginx connects to a replica only once a body is complete).
+SLOW_BODIES = 2 * INFERENCE_CAP + 32
 TRICKLE_EVERY = 1.0  # seconds between two trickled bytes or header lines (nginx allows 10 s)
 OVERLOAD_CLIENTS = 300
 OVERLOAD_SECONDS = 6
@@ -165,6 +169,27 @@ def test_overload_is_answered_at_once_with_503_and_retry_after(
     # What a client sees, in full.
     r = requests.get(f"{stack.url}/readyz", timeout=10)
     assert r.status_code == 200, "the stack did not recover from the overload"
+
+
+def test_below_the_cap_nothing_is_shed(stack: Stack, digit_png: bytes, timer: Timer) -> None:
+    """Three quarters of the cap in keep-alive connections, each with one request in flight at a
+    time: nginx spreads them over the replicas (least_conn) and no request is refused."""
+    conns = INFERENCE_CAP * 3 // 4
+    out = subprocess.run(
+        [
+            "wrk", "-t1", f"-c{conns}", "-d4s", "--timeout", "10s",
+            "-s", str(HERE / "overload.lua"), f"{stack.url}/predict",
+        ],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "OVERLOAD_PNG": str(stack.repo / "digit.png")},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    statuses = {int(k): v for k, v in result["statuses"].items()}
+    timer.note(f"{conns} connections (cap {INFERENCE_CAP}): {statuses}, p99 {result['p99_us'] / 1000:.0f} ms")
+    errors = {k: result[k] for k in ("connect", "read", "write", "timeout")}
+    assert not any(errors.values()), f"connection errors or timeouts: {errors}"
+    assert set(statuses) == {200}, f"requests refused below the cap: {statuses}"
 
 
 # --- scale -------------------------------------------------------------------------------------
