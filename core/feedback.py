@@ -119,11 +119,9 @@ def image_field(media_type: str | None, raw: bytes | None, max_bytes: int) -> di
 def _classify(e: OSError, directory: Path) -> FeedbackError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return FeedbackError(507, "disk_full", f"no space left for feedback in {directory}")
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return FeedbackError(
-            503, "feedback_unwritable", f"cannot write feedback to {directory}: {e.strerror}"
-        )
-    return FeedbackError(503, "feedback_unwritable", f"cannot write feedback to {directory}: {e}")
+    return FeedbackError(
+        503, "feedback_unwritable", f"cannot write feedback to {directory}: {e.strerror or e}"
+    )
 
 
 def folder_bytes(directory: Path) -> int:
@@ -162,7 +160,10 @@ class FeedbackWriter:
         durable: then no complete line of it exists, and no partial one that is not the last."""
         line = json.dumps(event, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
         with self._lock:
-            used = folder_bytes(self.directory)
+            try:
+                used = folder_bytes(self.directory)
+            except OSError as e:
+                raise _classify(e, self.directory) from None
             if used + len(line) > self.max_bytes:
                 raise FeedbackError(
                     507,

@@ -96,9 +96,8 @@ def feedback() -> Response:
     current_app.extensions["feedback_counter"].labels(model.name, str(model.version), outcome).inc()
     kept = ["the 28x28 input the network saw", "your digit", "the answering model and version"]
     if data["image"] is not None:
-        kept.append(
-            "the image file as sent" if data["image"]["base64"] is not None else "the image file's size and hash"
-        )
+        whole = data["image"]["base64"] is not None
+        kept.append("the image file as sent" if whole else "the image file's size and hash")
     body = {
         "id": event["id"],
         "stored": True,
@@ -138,9 +137,8 @@ def _request_id(value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or len(value) > MAX_REQUEST_ID or not value.isprintable():
-        raise ApiError(
-            400, "invalid_request_id", f"request_id must be printable text of at most {MAX_REQUEST_ID} characters"
-        )
+        message = f"request_id must be printable text of at most {MAX_REQUEST_ID} characters"
+        raise ApiError(400, "invalid_request_id", message)
     return value
 
 
@@ -156,12 +154,13 @@ def _answering_model(name: Any, version: Any) -> LoadedModel:
             raise ApiError(400, "invalid_model", str(e)) from None
     number = None
     if version is not None:
+        bad = ApiError(400, "invalid_version", f"version must be a positive integer, got {version!r}")
         if isinstance(version, bool) or not isinstance(version, int | str):
-            raise ApiError(400, "invalid_version", f"version must be a positive integer, got {version!r}")
+            raise bad
         try:
             number = parse_version(version)
         except ValueError:
-            raise ApiError(400, "invalid_version", f"version must be a positive integer, got {version!r}") from None
+            raise bad from None
     manager = api._registry().get(name)
     return manager.get(number) if number is not None else manager.get(None, "stable")
 
@@ -177,4 +176,3 @@ def live_figures(status: dict[str, Any]) -> dict[str, Any]:
         n, correct = counts.get((status["name"], entry["version"]), (0, 0))
         entry["live"] = {"feedback": n, "correct": correct, "accuracy": correct / n} if n else None
     return status
-
