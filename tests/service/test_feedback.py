@@ -329,3 +329,29 @@ def test_a_worker_killed_right_after_its_201_loses_no_record(gunicorn, models_di
     events = stored(fb)
     assert sorted(e["id"] for e in events) == sorted(ids)
     assert len(feedback.feedback_files(fb)) >= 8  # a file per writer process
+
+
+def test_answers_match_the_openapi_document(models_dir, tmp_path, digit_image):
+    client = make_client(models_dir, tmp_path, FEEDBACK_MAX_BYTES=6000)
+    document = client.get("/openapi.json").get_json()
+    responses = document["paths"]["/feedback"]["post"]["responses"]
+
+    def check(r) -> None:
+        assert str(r.status_code) in responses, r.status_code
+        schema = responses[str(r.status_code)]["content"]["application/json"]["schema"]
+        Draft202012Validator({**schema, "components": document["components"]}).validate(r.get_json())
+
+    png = png_bytes(digit_image)
+    statuses = []
+    for query in ("digit=1", "digit=x", "digit=1&version=5", *["digit=1"] * 4):
+        r = client.post("/feedback?" + query, data=png, content_type="image/png")
+        check(r)
+        statuses.append(r.status_code)
+    r = make_client(models_dir, None).post("/feedback?digit=1", data=png, content_type="image/png")
+    check(r)
+    statuses.append(r.status_code)
+    assert {201, 400, 404, 507} == set(statuses)
+    models = client.get("/models").get_json()
+    schema = {"$ref": "#/components/schemas/Models"}
+    Draft202012Validator({**schema, "components": document["components"]}).validate(models)
+    assert models["versions"][0]["live"]["feedback"] == statuses.count(201)
