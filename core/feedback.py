@@ -11,7 +11,9 @@ with a single `write` on an `O_APPEND` descriptor and then `fdatasync`ed:
 the caller only answers 201 after that. A write that fails part-way (a full
 disk) is cut back to where the line began; if even that fails the file is
 abandoned and never appended to again, so at worst a file ends in a partial
-line without its newline, which every reader here skips. The writer rotates
+line without its newline, which every reader here skips. A file deleted (or
+replaced) under a writer is noticed before the next record, which goes to a
+new file rather than to an unlinked one. The writer rotates
 to a new file past `rotate_bytes`, and refuses (not truncates) past
 `max_bytes` for the whole folder.
 
@@ -206,10 +208,20 @@ class FeedbackWriter:
             self._fd, self._pid, self._seq, self._stem = None, os.getpid(), 0, ""
         if self._fd is not None and self._offset > 0 and self._offset + size > self.rotate_bytes:
             self._close()
+        if self._fd is not None and not self._still_named():
+            self._close()  # deleted or replaced (docs/feedback.md): a record written there would be lost
         if self._fd is None:
             self._open_next()
         assert self._fd is not None
         return self._fd
+
+    def _still_named(self) -> bool:
+        """Whether our open file is still the one at our path (one stat per record)."""
+        assert self._fd is not None and self.path is not None
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def _open_next(self) -> None:
         try:

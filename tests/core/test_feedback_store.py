@@ -245,3 +245,14 @@ def test_export_writes_an_npz_loadable_in_one_line(tmp_path):
     assert d["holdout"].tolist() == [feedback.in_holdout(e["id"]) for e in events]
     for i, e in enumerate(events):
         np.testing.assert_array_equal(d["images"][i], np.asarray(e["data"]["input"]))
+
+
+def test_a_file_deleted_under_the_writer_is_not_written_to_again(tmp_path):
+    """Deleting the files while the service runs (docs/feedback.md) loses no later record."""
+    writer = feedback.FeedbackWriter(tmp_path, max_bytes=1 << 30, rotate_bytes=1 << 20)
+    writer.append(record(salt=1))
+    for path in feedback.feedback_files(tmp_path):
+        path.unlink()
+    later = record(salt=2)
+    writer.append(later)
+    assert [e["id"] for e in feedback.read_events(tmp_path)] == [later["id"]]
