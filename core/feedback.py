@@ -315,6 +315,7 @@ class Corrections:
     holdout: np.ndarray  # (m,) bool: never trained on
     scored: np.ndarray  # (m,) int64: what the answering version predicted when the record was made
     models: np.ndarray  # (m,) str: "name/version" that answered
+    skipped: int = 0  # lines of our type whose data is not a usable record (hand-edited, say)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -330,16 +331,26 @@ class Corrections:
 def load_corrections(directory: Path | str, model: str | None = None) -> Corrections:
     """Every record in the folder (of `model` only, if given), split by id into train and holdout."""
     images, labels, ids, scored, models = [], [], [], [], []
+    skipped = 0
     for event in read_events(directory):
         d = event["data"]
-        name = d["model"]["name"]
+        try:
+            name = str(d["model"]["name"])
+            image = np.asarray(d["input"], dtype=np.float32)
+            label, served = int(d["digit"]), int(d["scored"]["digit"])
+            ref = f"{name}/{int(d['model']['version'])}"
+            if image.shape != (IMAGE_SIDE, IMAGE_SIDE) or not 0 <= label <= 9 or not np.isfinite(image).all():
+                raise ValueError("not a 28x28 image with a digit")
+        except (KeyError, TypeError, ValueError):
+            skipped += 1
+            continue
         if model is not None and name != model:
             continue
-        images.append(np.asarray(d["input"], dtype=np.float32))
-        labels.append(int(d["digit"]))
+        images.append(image)
+        labels.append(label)
         ids.append(event["id"])
-        scored.append(int(d["scored"]["digit"]))
-        models.append(f"{name}/{d['model']['version']}")
+        scored.append(served)
+        models.append(ref)
     n = len(labels)
     return Corrections(
         images=np.stack(images) if n else np.zeros((0, IMAGE_SIDE, IMAGE_SIDE), np.float32),
@@ -348,6 +359,7 @@ def load_corrections(directory: Path | str, model: str | None = None) -> Correct
         holdout=np.asarray([in_holdout(i) for i in ids], dtype=bool),
         scored=np.asarray(scored, dtype=np.int64),
         models=np.asarray(models, dtype=str),
+        skipped=skipped,
     )
 
 

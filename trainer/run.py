@@ -81,6 +81,7 @@ def feedback_section(
         "trained_on": int((~corrections.holdout).sum()),
         "repeat": repeat,
         "holdout_size": len(holdout_labels),
+        "skipped": corrections.skipped,
         "holdout_accuracy": scored["accuracy"] if scored else None,
         "holdout": f"records whose sha256(id) mod 100 < {feedback_store.HOLDOUT_PERCENT}; never trained on",
     }
@@ -108,6 +109,7 @@ def train_and_publish(
         log(
             f"{len(corrections)} corrections in {feedback_dir}: "
             f"{int((~corrections.holdout).sum())} to train on, {int(corrections.holdout.sum())} held out"
+            + (f"; {corrections.skipped} unusable lines skipped" if corrections.skipped else "")
         )
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()

@@ -256,3 +256,19 @@ def test_a_file_deleted_under_the_writer_is_not_written_to_again(tmp_path):
     later = record(salt=2)
     writer.append(later)
     assert [e["id"] for e in feedback.read_events(tmp_path)] == [later["id"]]
+
+
+def test_unusable_lines_are_skipped_and_counted(tmp_path):
+    """A hand-edited line must not stop a training run: it is skipped, and the trainer says so."""
+    writer = feedback.FeedbackWriter(tmp_path, max_bytes=1 << 30, rotate_bytes=1 << 20)
+    good = record(salt=1)
+    writer.append(good)
+    for broken in ({"input": [[0] * 28] * 27}, {"digit": 12}, {"model": None}):
+        event = record(salt=2)
+        event["data"].update(broken)
+        writer.append(event)
+    writer.close()
+    with open(feedback.feedback_files(tmp_path)[0], "ab") as f:
+        f.write(b'{"not": "ours"}\n\n')
+    c = feedback.load_corrections(tmp_path)
+    assert c.ids.tolist() == [good["id"]] and c.skipped == 3

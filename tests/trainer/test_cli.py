@@ -162,6 +162,7 @@ def test_train_with_feedback_records_it_and_evaluate_and_export_read_it(data_dir
         "trained_on": 60 - held,
         "repeat": repeat,
         "holdout_size": held,
+        "skipped": 0,
         "holdout_accuracy": section["holdout_accuracy"],
         "holdout": section["holdout"],
     }
