@@ -56,6 +56,8 @@ def init_app(app: Flask) -> None:
 
 @bp.post("/feedback")
 def feedback() -> Response:
+    """Parse and check everything before the write, so a refused request leaves no record, and
+    answer 201 only after it: a client that got 201 never has to send the correction again."""
     writer: store.FeedbackWriter | None = current_app.extensions.get("feedback")
     if writer is None:
         raise ApiError(404, "feedback_off", "this server does not store feedback: FEEDBACK_DIR is not set")
