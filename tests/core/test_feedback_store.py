@@ -196,16 +196,33 @@ def test_an_unwritable_folder_is_a_clear_error(tmp_path, monkeypatch, err):
     assert str(tmp_path / "fb") in e.value.message
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a mode-0555 folder anyway")
-def test_a_real_read_only_folder_is_a_clear_error(tmp_path):
-    tmp_path.chmod(0o555)
+def _append_as(uid: int | None, directory: str, queue) -> None:
+    if uid is not None:
+        os.setuid(uid)  # root writes anywhere: drop to an ordinary user, as the api runs (uid 10001)
+    writer = feedback.FeedbackWriter(directory, max_bytes=1 << 30, rotate_bytes=1 << 20)
     try:
-        writer = feedback.FeedbackWriter(tmp_path, max_bytes=1 << 30, rotate_bytes=1 << 20)
-        with pytest.raises(feedback.FeedbackError) as e:
-            writer.append(record())
-        assert e.value.code == "feedback_unwritable"
-    finally:
-        tmp_path.chmod(0o755)
+        writer.append(record())
+        queue.put(None)
+    except feedback.FeedbackError as e:
+        queue.put((e.status, e.code, e.message))
+
+
+def test_a_real_unwritable_folder_is_a_clear_error(tmp_path):
+    """A folder the writer's user may not write (mode 0555; as root, a root-owned 0755 folder
+    written as nobody): the kernel's EACCES becomes 503 feedback_unwritable, and no file appears."""
+    folder = tmp_path / "fb"
+    folder.mkdir(mode=0o555 if os.geteuid() != 0 else 0o755)
+    folder.chmod(0o555 if os.geteuid() != 0 else 0o755)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_append_as, args=(65534 if os.geteuid() == 0 else None, str(folder), queue))
+    child.start()
+    result = queue.get(timeout=60)
+    child.join(30)
+    folder.chmod(0o755)
+    assert result is not None and result[:2] == (503, "feedback_unwritable"), result
+    assert "Permission denied" in result[2] and str(folder) in result[2]
+    assert list(folder.iterdir()) == []
 
 
 def test_the_holdout_is_decided_by_the_id_alone():
