@@ -20,8 +20,8 @@ TRAIN_FLAGS := --preset $(PRESET) \
 	$(if $(LR),--lr $(LR)) $(if $(SEED),--seed $(SEED)) $(if $(SIZES),--sizes $(SIZES)) \
 	$(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) $(TRAIN_ARGS)
 
-.PHONY: help venv data train evaluate serve test e2e browser lint format bench \
-	bench-train bench-serve bench-front-door bench-grpc proto up rollout swarm-up swarm-down down logs \
+.PHONY: help venv data train evaluate export-feedback serve test e2e browser lint format bench \
+	bench-train bench-serve bench-front-door bench-grpc bench-feedback proto up rollout swarm-up swarm-down down logs \
 	train-docker clean promote canary rollback
 
 help: ## list targets
@@ -50,12 +50,18 @@ $(DATA_DIR)/MNIST/raw/t10k-labels-idx1-ubyte:
 
 data: $(DATA_DIR)/MNIST/raw/t10k-labels-idx1-ubyte ## MNIST into DATA_DIR/MNIST/raw: unpacked from MNIST_FILES, else downloaded
 
-train: venv ## train and publish a new version (PRESET=best|seed, EPOCHS=, LR=, SEED=, TRAIN_ARGS=)
+train: venv ## train and publish a new version (PRESET=best|seed, EPOCHS=, LR=, SEED=, TRAIN_ARGS=, FEEDBACK=dir)
 	@if [ -d "$(MNIST_FILES)" ]; then $(MAKE) --no-print-directory data; fi
-	$(PY) -m trainer train --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(TRAIN_FLAGS)
+	$(PY) -m trainer train --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(TRAIN_FLAGS) \
+		$(if $(FEEDBACK),--feedback $(FEEDBACK))
 
-evaluate: venv ## re-score a published model on the test set (VERSION=N, default newest)
-	$(PY) -m trainer evaluate --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(VERSION),--version $(VERSION))
+evaluate: venv ## re-score a published model on the test set (VERSION=N, default newest; FEEDBACK=dir: its holdout too)
+	$(PY) -m trainer evaluate --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(VERSION),--version $(VERSION)) \
+		$(if $(FEEDBACK),--feedback $(FEEDBACK))
+
+FEEDBACK_OUT ?= corrections.npz
+export-feedback: venv ## write the corrections in FEEDBACK (default ./feedback) to FEEDBACK_OUT (.npz)
+	$(PY) -m trainer export-feedback --feedback $(or $(FEEDBACK),feedback) --out $(FEEDBACK_OUT)
 
 # Release labels in MODELS_DIR/MODEL_NAME/labels.json; every worker follows within MODEL_POLL_SECONDS.
 RELEASE := MODELS_DIR=$(MODELS_DIR) MODEL_NAME=$(MODEL_NAME) $(PY) -m core.release
@@ -104,9 +110,14 @@ bench-front-door: venv ## PNG /predict through nginx + replicas (docker compose)
 bench-grpc: venv ## single-image V2 infer: gRPC ModelInfer vs REST on one gunicorn (tritonclient)
 	$(PY) -m bench.grpc_vs_rest
 
-bench: bench-train bench-serve bench-front-door bench-grpc ## all benchmarks
+bench-feedback: venv ## what one POST /feedback write costs with its fsync, and /predict with feedback on and off
+	$(PY) -m bench.feedback_write
+
+bench: bench-train bench-serve bench-front-door bench-grpc bench-feedback ## all benchmarks
 
 up: ## build and start nginx + the api replicas on PORT; when running, a rollout (no failed request)
+	@# The api runs as uid 10001 and keeps corrections in ./feedback (docs/feedback.md).
+	mkdir -p feedback && chmod a+rwx feedback
 	@if [ -n "$$(docker compose ps -q api 2>/dev/null)" ]; then $(MAKE) --no-print-directory rollout; \
 	else docker compose up -d --build --wait; fi
 

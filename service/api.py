@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flask import Blueprint, Config, Request, Response, current_app, request
 
 from core.modelstore import LoadedModel, parse_version
 from core.preprocess import IMAGE_SIDE, N_INPUTS
-from service import imaging, metrics
+from service import feedback, imaging, metrics
 from service.errors import ApiError, error_response, json_response
 from service.inference import classify, explain_images, explanation, model_ref, prediction
 from service.models import ModelManager
@@ -58,7 +60,8 @@ def readyz() -> Response:
 def models() -> Response:
     # MODEL_NAME's status at the top level (as before), every model's under "models".
     registry = _registry()
-    return json_response({**registry.default.status(), "models": [m.status() for m in registry.managers()]})
+    statuses = [feedback.live_figures(m.status()) for m in registry.managers()]
+    return json_response({**statuses[0], "models": statuses})
 
 
 def _explain_when_asked(view: Callable[[], Response]) -> Callable[[], Response]:
@@ -147,22 +150,42 @@ def _preprocess_arg(req: Request) -> bool:
     return mode == "auto"
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A request body read once: the (m, 28, 28) images, whether a batch was sent, each image
+    file as sent ((media type, bytes); none for JSON) and the body's other fields (multipart form
+    fields or the JSON object's members), for routes such as /feedback that need them."""
+
+    images: np.ndarray
+    batch: bool
+    files: list[tuple[str, bytes]]
+    fields: Mapping[str, Any]
+
+
 def _read_images(req: Request, config: Config, preprocess: bool) -> tuple[np.ndarray, bool]:
     """(m, 28, 28) images from the request body, and whether a batch was sent."""
+    upload = read_upload(req, config, preprocess)
+    return upload.images, upload.batch
+
+
+def read_upload(req: Request, config: Config, preprocess: bool) -> Upload:
+    """The body in any form /predict accepts, decoded and normalised (`service.imaging`)."""
     mimetype = req.mimetype
     max_pixels = config["MAX_IMAGE_PIXELS"]
     if mimetype.startswith("image/") or mimetype in IMAGE_TYPES:
         data = req.get_data(cache=False)
         if not data:
             raise ApiError(400, "empty_body", "the request body is empty")
-        return imaging.to_mnist(imaging.decode(data, max_pixels), preprocess)[None], False
+        image = imaging.to_mnist(imaging.decode(data, max_pixels), preprocess)[None]
+        return Upload(image, False, [(mimetype, data)], {})
     if mimetype == "multipart/form-data":
         files = req.files.getlist("image")
         if not files:
             raise ApiError(400, "missing_image", 'multipart body has no file in the field "image"')
         _check_batch(len(files), config)
-        images = [imaging.to_mnist(imaging.decode(f.read(), max_pixels), preprocess) for f in files]
-        return np.stack(images), len(images) > 1
+        raw = [(f.mimetype, f.read()) for f in files]
+        images = [imaging.to_mnist(imaging.decode(data, max_pixels), preprocess) for _, data in raw]
+        return Upload(np.stack(images), len(images) > 1, raw, req.form)
     if mimetype in JSON_TYPES or mimetype.endswith("+json"):
         return _read_json(req, config, preprocess)
     if not mimetype and not req.content_length:
@@ -185,7 +208,7 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _read_json(req: Request, config: Config, preprocess: bool) -> tuple[np.ndarray, bool]:
+def _read_json(req: Request, config: Config, preprocess: bool) -> Upload:
     raw = req.get_data(cache=False)
     if not raw:
         raise ApiError(400, "empty_body", "the request body is empty")
@@ -206,7 +229,7 @@ def _read_json(req: Request, config: Config, preprocess: bool) -> tuple[np.ndarr
         batch = False
     _reject_booleans(items)  # numpy would quietly read booleans as 1 and 0
     images = _as_images(items)
-    return np.stack([imaging.to_mnist(a, preprocess) for a in images]), batch
+    return Upload(np.stack([imaging.to_mnist(a, preprocess) for a in images]), batch, [], doc)
 
 
 def _reject_booleans(items: list) -> None:

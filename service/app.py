@@ -17,6 +17,12 @@ Configuration (environment variable, default):
     MAX_CONTENT_LENGTH  4194304      largest request body in bytes, 4 MiB (413 beyond)
     MAX_IMAGE_PIXELS    16000000     largest decoded image, width × height (413 beyond):
                                      a 4 MiB PNG can declare gigapixels (a decompression bomb)
+    FEEDBACK_DIR        (unset)      where POST /feedback stores corrections (docs/feedback.md);
+                                     unset: the route answers 404 feedback_off
+    FEEDBACK_MAX_BYTES  1073741824   the most the folder's feedback files may hold, 1 GiB (507 beyond)
+    FEEDBACK_ROTATE_BYTES 67108864   a writer starts a new file past 64 MiB
+    FEEDBACK_IMAGE_MAX_BYTES 262144  the largest image file kept as sent, 256 KiB (larger: its
+                                     size and hash only; the 28x28 input is always kept)
     TRUSTED_PROXIES     0            reverse proxies in front (e.g. 1 behind nginx): the client
                                      address (request.remote_addr, the access log's `remote`) and
                                      scheme come from the last N X-Forwarded-For / -Proto hops;
@@ -39,7 +45,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from core.modelstore import check_name, parse_version
 from core.promotion import POLICIES
-from service import api, errors, logs, metrics, openapi, page, v2
+from service import api, errors, feedback, logs, metrics, openapi, page, v2
 from service.registry import ModelRegistry
 
 DEFAULTS: dict[str, Any] = {
@@ -55,6 +61,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 4 * 1024 * 1024,
     "MAX_IMAGE_PIXELS": 16_000_000,
     "TRUSTED_PROXIES": 0,
+    "FEEDBACK_DIR": None,
+    "FEEDBACK_MAX_BYTES": 1 << 30,
+    "FEEDBACK_ROTATE_BYTES": 64 << 20,
+    "FEEDBACK_IMAGE_MAX_BYTES": 256 << 10,
 }
 _TYPES = {
     "MODEL_POLL_SECONDS": float,
@@ -64,6 +74,9 @@ _TYPES = {
     "TRUSTED_PROXIES": int,
     "MIN_ACCURACY": float,
     "PROMOTION_TOLERANCE": float,
+    "FEEDBACK_MAX_BYTES": int,
+    "FEEDBACK_ROTATE_BYTES": int,
+    "FEEDBACK_IMAGE_MAX_BYTES": int,
 }
 _ZERO_ALLOWED = {"MODEL_POLL_SECONDS", "TRUSTED_PROXIES", "MIN_ACCURACY", "PROMOTION_TOLERANCE"}
 _FRACTIONS = {"MIN_ACCURACY", "PROMOTION_TOLERANCE"}
@@ -96,6 +109,7 @@ def _checked(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["PROMOTION"] not in POLICIES:
         raise ValueError(f"PROMOTION must be one of {', '.join(POLICIES)}, got {cfg['PROMOTION']!r}")
     cfg["MODEL_NAMES"] = _names(cfg["MODEL_NAMES"])
+    cfg["FEEDBACK_DIR"] = str(cfg["FEEDBACK_DIR"]) if cfg["FEEDBACK_DIR"] not in (None, "") else None
     if cfg["MODEL_VERSION"] not in (None, ""):
         try:
             cfg["MODEL_VERSION"] = parse_version(cfg["MODEL_VERSION"])
@@ -162,6 +176,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(v2.bp)
     app.register_blueprint(page.bp)
+    feedback.init_app(app)  # POST /feedback; its counter joins the metrics' registry
 
     if app.config["TRUSTED_PROXIES"]:
         hops = app.config["TRUSTED_PROXIES"]

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or re-score a published version.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,export-feedback}")
 
     tr = sub.add_parser(
         "train",
@@ -98,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validation-size", type=int, help="images held out of the 60k training set")
     g.add_argument("--train-limit", type=int, help="train on only the first N training images")
     g.add_argument("--seed", type=int, help="seed of every random choice; same seed, same weights")
+    g.add_argument(
+        "--feedback",
+        metavar="DIR",
+        help="also train on the corrections stored in DIR (FEEDBACK_DIR), less their holdout",
+    )
+    g.add_argument(
+        "--feedback-repeat",
+        type=int,
+        help="copies of each correction per epoch [enough for them to be 10%% of the examples, at most 100]",
+    )
     g = tr.add_argument_group("output")
     g.add_argument("--no-publish", action="store_true", help="train and score, but publish nothing")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (summary lines only)")
@@ -110,11 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(ev)
     ev.add_argument("--version", help="version to score [newest]")
+    ev.add_argument(
+        "--feedback", metavar="DIR", help="also score on the current holdout of the corrections in DIR"
+    )
+
+    ex = sub.add_parser(
+        "export-feedback",
+        help="write the stored corrections as an .npz dataset",
+        description="Read every record in DIR and write images (m, 28, 28) uint8, labels, holdout, "
+        "ids, scored and model to an .npz: np.load(OUT) reads it.",
+    )
+    ex.add_argument("--feedback", metavar="DIR", required=True, help="the feedback folder (FEEDBACK_DIR)")
+    ex.add_argument("--out", required=True, help="the .npz to write")
 
     # `python -m trainer --help` shows every flag, not just the two commands.
     parser.epilog = "\n".join(
         f"--- python -m trainer {name} ---\n{p.format_help()}"
-        for name, p in (("train", tr), ("evaluate", ev))
+        for name, p in (("train", tr), ("evaluate", ev), ("export-feedback", ex))
     )
     return parser
 
@@ -128,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "feedback", None) is not None and not os.path.isdir(args.feedback):
+        parser.error(f"--feedback {args.feedback}: no such folder (the service's FEEDBACK_DIR)")
     try:
         if args.command == "train":
             from trainer.run import train_and_publish
@@ -144,7 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.name,
                 publish=not args.no_publish,
                 progress=not args.no_progress and os.environ.get("TQDM_DISABLE", "") in ("", "0"),
+                feedback_dir=args.feedback,
             )
+        elif args.command == "export-feedback":
+            from core.feedback import export_npz
+
+            c = export_npz(args.feedback, args.out)
+            print(f"{len(c)} corrections ({int(c.holdout.sum())} in the holdout) -> {args.out}")
         else:
             from core.modelstore import parse_version
             from trainer.data import load_mnist
@@ -152,11 +182,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             version = None if args.version is None else parse_version(args.version)
             data = load_mnist(args.data_dir)
-            r = rescore(args.models_dir, args.name, version, data.test_images, data.test_labels)
+            r = rescore(
+                args.models_dir, args.name, version, data.test_images, data.test_labels, args.feedback
+            )
             recorded = "n/a" if r["recorded"] is None else f"{r['recorded']:.4f}"
             print(f"{r['name']} version {r['version']} ({r['path']})")
             print(f"test accuracy {r['accuracy']:.4f} on {r['n']} images (recorded at training: {recorded})")
             print("per class: " + "  ".join(f"{d}:{a:.3f}" for d, a in r["per_class_accuracy"].items()))
+            if "feedback" in r:
+                fb = r["feedback"]
+                now = "n/a (empty holdout)" if fb["accuracy"] is None else f"{fb['accuracy']:.4f}"
+                then = "n/a" if fb["recorded"] is None else f"{fb['recorded']:.4f}"
+                print(
+                    f"feedback holdout accuracy {now} on {fb['holdout_size']} records "
+                    f"(recorded at training, on the holdout of then: {then})"
+                )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from core import modelstore
+from core.feedback import load_corrections
 from core.network import Network, predict
 from core.preprocess import to_vectors
 
@@ -34,8 +35,16 @@ def metrics(net: Network, images: np.ndarray, labels: np.ndarray, batch: int = 1
     }
 
 
-def rescore(models_dir: Path | str, name: str, version: int | None, images, labels) -> dict[str, Any]:
-    """Load a published version (newest if None) through the verifying loader and score it."""
+def rescore(
+    models_dir: Path | str,
+    name: str,
+    version: int | None,
+    images,
+    labels,
+    feedback_dir: Path | str | None = None,
+) -> dict[str, Any]:
+    """Load a published version (newest if None) through the verifying loader and score it; with
+    `feedback_dir`, also on the current feedback holdout (`feedback`: accuracy and size)."""
     if version is None:
         versions = modelstore.list_versions(models_dir, name)
         if not versions:
@@ -44,4 +53,13 @@ def rescore(models_dir: Path | str, name: str, version: int | None, images, labe
     model = modelstore.load(models_dir, name, version)
     result = metrics(model.net, images, labels)
     recorded = model.metadata.get("metrics", {}).get("test_accuracy")
-    return {"name": name, "version": model.version, "path": str(model.path), "recorded": recorded, **result}
+    out = {"name": name, "version": model.version, "path": str(model.path), "recorded": recorded, **result}
+    if feedback_dir is not None:
+        holdout_images, holdout_labels = load_corrections(feedback_dir).holdout_part()
+        scored = metrics(model.net, holdout_images, holdout_labels) if len(holdout_labels) else None
+        out["feedback"] = {
+            "holdout_size": len(holdout_labels),
+            "accuracy": scored["accuracy"] if scored else None,
+            "recorded": model.metadata.get("metrics", {}).get("feedback_holdout_accuracy"),
+        }
+    return out

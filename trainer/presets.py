@@ -44,6 +44,9 @@ class Config:
     train_limit: int | None = None
     seed: int = 0
     dtype: str = "float32"
+    # Corrections (--feedback): each training record is repeated this many times per epoch;
+    # None = enough for the corrections to be FEEDBACK_SHARE of the epoch (docs/feedback.md).
+    feedback_repeat: int | None = None
 
     @property
     def activations(self) -> tuple[str, ...]:
@@ -70,6 +73,8 @@ class Config:
             problems.append("momentum, beta1 and beta2 must be in [0, 1)")
         if self.weight_decay < 0 or self.shift < 0 or self.validation_size < 0:
             problems.append("weight decay, shift and validation size must be >= 0")
+        if self.feedback_repeat is not None and self.feedback_repeat < 1:
+            problems.append("feedback repeat must be >= 1")
         if self.train_limit is not None and self.train_limit < 1:
             problems.append("train limit must be >= 1")
         if self.sizes[0] != 784 or self.sizes[-1] != 10:

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from core import feedback as feedback_store
 from core import modelstore
+from core.network import Network
 from core.preprocess import DESCRIPTION
 from trainer import evaluate, report
 from trainer.data import load_mnist
@@ -66,6 +68,25 @@ def build_metadata(
     }
 
 
+def feedback_section(
+    directory: Path | str, corrections: feedback_store.Corrections, repeat: int, net: Network
+) -> dict[str, Any]:
+    """What model.json records about the corrections: how many were trained on (and how often),
+    and the accuracy on the holdout, which never was."""
+    holdout_images, holdout_labels = corrections.holdout_part()
+    scored = evaluate.metrics(net, holdout_images, holdout_labels) if len(holdout_labels) else None
+    return {
+        "dir": str(directory),
+        "records": len(corrections),
+        "trained_on": int((~corrections.holdout).sum()),
+        "repeat": repeat,
+        "holdout_size": len(holdout_labels),
+        "skipped": corrections.skipped,
+        "holdout_accuracy": scored["accuracy"] if scored else None,
+        "holdout": f"records whose sha256(id) mod 100 < {feedback_store.HOLDOUT_PERCENT}; never trained on",
+    }
+
+
 def train_and_publish(
     config: Config,
     preset: str,
@@ -75,15 +96,41 @@ def train_and_publish(
     publish: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    feedback_dir: Path | str | None = None,
 ) -> tuple[int | None, dict[str, Any]]:
-    """Train per config, score on the test set and publish; returns (version or None, metadata)."""
+    """Train per config, score on the test set and publish; returns (version or None, metadata).
+
+    With `feedback_dir`, the stored corrections outside the holdout join the training set
+    (`trainer.train`), and model.json records them and the holdout accuracy."""
     modelstore.check_name(name)
     data = load_mnist(data_dir)
+    corrections = None if feedback_dir is None else feedback_store.load_corrections(feedback_dir)
+    if corrections is not None:
+        log(
+            f"{len(corrections)} corrections in {feedback_dir}: "
+            f"{int((~corrections.holdout).sum())} to train on, {int(corrections.holdout.sum())} held out"
+            + (f"; {corrections.skipped} unusable lines skipped" if corrections.skipped else "")
+        )
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()
-    result = train(config, data.train_images, data.train_labels, progress=progress, log=log)
+    result = train(
+        config,
+        data.train_images,
+        data.train_labels,
+        progress=progress,
+        log=log,
+        corrections=corrections.train_part() if corrections is not None else None,
+    )
     test = evaluate.metrics(result.net, data.test_images, data.test_labels)
     meta = build_metadata(config, preset, result, test, data.files, started)
+    if corrections is not None:
+        section = feedback_section(feedback_dir, corrections, result.feedback_repeat, result.net)
+        meta["dataset"]["feedback"] = section
+        meta["metrics"]["feedback_holdout_accuracy"] = section["holdout_accuracy"]
+        meta["metrics"]["feedback_holdout_size"] = section["holdout_size"]
+        if section["holdout_accuracy"] is not None:
+            accuracy, size = section["holdout_accuracy"], section["holdout_size"]
+            log(f"feedback holdout accuracy {accuracy:.4f} ({size} records)")
     log(
         f"test accuracy {test['accuracy']:.4f} ({test['n']} images); "
         f"trained in {result.seconds:.1f}s, {time.perf_counter() - t0:.1f}s with scoring"

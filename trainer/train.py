@@ -24,6 +24,10 @@ from trainer.presets import Config
 from trainer.sgd import FusedSGD, learning_rate
 
 MONITOR_SIZE = 10_000  # training images scored after each epoch for the loss / accuracy curve
+# Corrections make up about this share of an epoch's examples (unless --feedback-repeat says):
+# 300 of them against 50-60k MNIST images would otherwise be 0.5% of the gradient, and barely move it.
+FEEDBACK_SHARE = 0.10
+MAX_FEEDBACK_REPEAT = 100
 
 
 @dataclass
@@ -33,6 +37,19 @@ class TrainResult:
     seconds: float = 0.0
     train_size: int = 0
     validation_size: int = 0
+    feedback_repeat: int = 0  # how many times each correction was in every epoch (0: none given)
+
+
+def feedback_repeat(config: Config, n_mnist: int, n_feedback: int) -> int:
+    """Copies of each correction per epoch: the configured number, else enough for the corrections
+    to be FEEDBACK_SHARE of the examples, at most MAX_FEEDBACK_REPEAT (a handful of records
+    repeated thousands of times would be learnt by heart)."""
+    if n_feedback == 0:
+        return 0
+    if config.feedback_repeat is not None:
+        return config.feedback_repeat
+    wanted = FEEDBACK_SHARE / (1 - FEEDBACK_SHARE) * n_mnist / n_feedback
+    return int(min(MAX_FEEDBACK_REPEAT, max(1, round(wanted))))
 
 
 def split(images: np.ndarray, labels: np.ndarray, config: Config) -> tuple[tuple, tuple]:
@@ -71,12 +88,24 @@ def train(
     labels: np.ndarray,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    corrections: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> TrainResult:
-    """Train on the 60k training images (uint8, (m, 28, 28)) per config; returns the net and curves."""
+    """Train on the 60k training images (uint8, (m, 28, 28)) per config; returns the net and curves.
+
+    `corrections` (images 0..255, labels), the training part of the stored feedback, join the
+    training images, each `feedback_repeat` times (shifted afresh each time, like any image)."""
     config.check()
     dtype = np.dtype(config.dtype)
     rng = np.random.default_rng(config.seed)
     (tr_images, tr_labels), (va_images, va_labels) = split(images, labels, config)
+    repeat = feedback_repeat(config, len(tr_labels), 0 if corrections is None else len(corrections[1]))
+    if repeat:
+        assert corrections is not None
+        extra = np.clip(np.rint(corrections[0]), 0, 255).astype(tr_images.dtype)
+        tr_images = np.concatenate([tr_images, np.repeat(extra, repeat, axis=0)])
+        tr_labels = np.concatenate([tr_labels, np.repeat(corrections[1], repeat)])
+        k = len(corrections[1])
+        log(f"{k} corrections x {repeat} = {k * repeat} of the {len(tr_labels)} examples of an epoch")
     n, m = len(tr_labels), config.batch_size
 
     net = new_network(config.sizes, config.activations, config.cost, rng, config.init, dtype.type)
@@ -93,7 +122,7 @@ def train(
     mon = slice(0, min(MONITOR_SIZE, n))
     mon_x, mon_labels = to_vectors(tr_images[mon]), tr_labels[mon]
 
-    result = TrainResult(net, train_size=n, validation_size=len(va_labels))
+    result = TrainResult(net, train_size=n, validation_size=len(va_labels), feedback_repeat=repeat)
     steps_per_epoch = -(-n // m)
     total_steps = steps_per_epoch * config.epochs
     step = 0

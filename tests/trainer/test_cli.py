@@ -109,3 +109,88 @@ def test_only_data_loading_imports_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def _corrections(directory: Path, n: int) -> list[str]:
+    """n hollow seven-segment digits stored as the service stores them (tests/segment_digits.py)."""
+    from core import feedback
+    from service.imaging import to_mnist
+    from tests.segment_digits import sample
+
+    writer = feedback.FeedbackWriter(directory, 1 << 30, 1 << 20)
+    images, labels = sample(n, seed=5)
+    ids = []
+    for image, label in zip(images, labels, strict=True):
+        data = {
+            "schema_version": 1,
+            "request_id": None,
+            "feedback_request_id": "t",
+            "model": {"name": "mnist", "version": 2},
+            "digit": int(label),
+            "predicted": None,
+            "scored": {"digit": 0, "probabilities": [0.1] * 10},
+            "correct": int(label) == 0,
+            "preprocess": "auto",
+            "input": feedback.pixels_json(to_mnist(image)),
+            "image": None,
+        }
+        event = feedback.make_event(data, "mnist/2")
+        writer.append(event)
+        ids.append(event["id"])
+    return ids
+
+
+def test_train_with_feedback_records_it_and_evaluate_and_export_read_it(data_dir, tmp_path, capsys):
+    from core import feedback
+    from trainer.train import feedback_repeat
+
+    fb = tmp_path / "fb"
+    ids = _corrections(fb, 60)
+    held = sum(feedback.in_holdout(i) for i in ids)
+    models = tmp_path / "models"
+    common = ["--data-dir", str(data_dir), "--models-dir", str(models)]
+    argv = ["train", "--preset", "best", "--epochs", "1", "--sizes", "784,64,10", "--train-limit", "3000"]
+    assert main([*argv, "--no-progress", "--feedback", str(fb), *common]) == 0
+    out = capsys.readouterr().out
+    assert f"60 corrections in {fb}: {60 - held} to train on, {held} held out" in out
+    meta = ms.load(models, "mnist", 1).metadata
+    section = meta["dataset"]["feedback"]
+    repeat = feedback_repeat(Config(), 3000, 60 - held)
+    assert section == {
+        "dir": str(fb),
+        "records": 60,
+        "trained_on": 60 - held,
+        "repeat": repeat,
+        "holdout_size": held,
+        "skipped": 0,
+        "holdout_accuracy": section["holdout_accuracy"],
+        "holdout": section["holdout"],
+    }
+    assert 0 <= section["holdout_accuracy"] <= 1
+    assert meta["metrics"]["feedback_holdout_accuracy"] == section["holdout_accuracy"]
+    assert meta["dataset"]["train_size"] == 3000 + repeat * (60 - held)
+
+    assert main(["evaluate", "--feedback", str(fb), *common]) == 0
+    out = capsys.readouterr().out
+    assert f"feedback holdout accuracy {section['holdout_accuracy']:.4f} on {held} records" in out
+
+    out_file = tmp_path / "c.npz"
+    assert main(["export-feedback", "--feedback", str(fb), "--out", str(out_file)]) == 0
+    d = np.load(out_file)
+    assert d["images"].shape == (60, 28, 28) and d["ids"].tolist() == ids
+    assert int(d["holdout"].sum()) == held
+
+    with pytest.raises(SystemExit) as e:
+        main(["export-feedback", "--feedback", str(tmp_path / "nope"), "--out", str(out_file)])
+    assert e.value.code == 2
+
+
+def test_the_feedback_weighting():
+    from trainer.train import MAX_FEEDBACK_REPEAT, feedback_repeat
+
+    # 480 corrections against 60,000 images: 14 copies each, 6720 of 66,720 examples (10%).
+    assert feedback_repeat(Config(), 60_000, 480) == 14
+    assert feedback_repeat(Config(), 60_000, 5) == MAX_FEEDBACK_REPEAT  # a handful is not learnt by heart
+    assert feedback_repeat(Config(), 60_000, 100_000) == 1
+    assert feedback_repeat(Config(), 60_000, 0) == 0
+    assert feedback_repeat(dataclasses.replace(Config(), feedback_repeat=3), 60_000, 480) == 3
