@@ -116,8 +116,6 @@ bench-feedback: venv ## what one POST /feedback write costs with its fsync, and 
 bench: bench-train bench-serve bench-front-door bench-grpc bench-feedback ## all benchmarks
 
 up: ## build and start nginx + the api replicas on PORT; when running, a rollout (no failed request)
-	@# The api runs as uid 10001 and keeps corrections in ./feedback (docs/feedback.md).
-	mkdir -p feedback && chmod a+rwx feedback
 	@if [ -n "$$(docker compose ps -q api 2>/dev/null)" ]; then $(MAKE) --no-print-directory rollout; \
 	else docker compose up -d --build --wait; fi
 
