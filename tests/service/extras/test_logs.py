@@ -102,3 +102,34 @@ def test_access_line_remote_is_the_client_behind_trusted_proxies(models_dir, hop
         assert doc["remote"] == "203.0.113.7"
     else:
         assert doc["remote"] != "203.0.113.7"
+
+
+def test_access_log_errors_writes_lines_only_for_failed_requests(models_dir, monkeypatch):
+    """Behind nginx (compose's ACCESS_LOG=errors) nginx logs every request; the api only failures."""
+    monkeypatch.setenv("ACCESS_LOG", "errors")
+    app = create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0})
+    assert _access_line(app, logs.AccessFormatter(), "/healthz") == ""
+    doc = json.loads(_access_line(app, logs.AccessFormatter(), "/nope", **{"X-Request-ID": "e-2"}))
+    assert doc["status"] == 404 and doc["request_id"] == "e-2"
+    monkeypatch.setenv("ACCESS_LOG", "0")
+    app = create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0})
+    assert _access_line(app, logs.AccessFormatter(), "/nope") == ""
+    monkeypatch.setenv("ACCESS_LOG", "sometimes")
+    with pytest.raises(ValueError, match="ACCESS_LOG"):
+        create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0})
+
+
+def test_gunicorn_builds_access_atoms_only_when_its_access_log_is_on():
+    """gunicorn takes any logconfig_dict as a wish for access lines; GunicornLogger does not."""
+    from gunicorn.config import Config
+
+    cfg = Config()
+    cfg.set("logconfig_dict", logs.gunicorn_logconfig())
+    logger = logs.GunicornLogger(cfg)
+    built: list[int] = []
+    logger.atoms = lambda *args: built.append(1) or {}  # type: ignore[method-assign]
+    logger.access(None, None, {}, None)
+    assert built == []
+    cfg.set("accesslog", "-")
+    logger.access(None, None, {}, None)
+    assert built == [1]
