@@ -177,8 +177,12 @@ class GunicornLogger(_GunicornLogger):
     them. gunicorn.conf.py names this class as its `logger_class`.
     """
 
+    def setup(self, cfg) -> None:  # type: ignore[no-untyped-def]
+        super().setup(cfg)
+        self._writes_access = bool(cfg.accesslog)  # read once: cfg's attribute lookup is not free
+
     def access(self, resp, req, environ, request_time) -> None:  # type: ignore[no-untyped-def]
-        if self.cfg.accesslog:
+        if self._writes_access:
             super().access(resp, req, environ, request_time)
 
 

@@ -131,5 +131,6 @@ def test_gunicorn_builds_access_atoms_only_when_its_access_log_is_on():
     logger.access(None, None, {}, None)
     assert built == []
     cfg.set("accesslog", "-")
+    logger.setup(cfg)  # what gunicorn does on a configuration reload (HUP)
     logger.access(None, None, {}, None)
     assert built == [1]
