@@ -105,9 +105,7 @@ def explain() -> Response:
     image only, since each answer carries two 28×28 maps.
     """
     model = _requested_model(request)
-    images, batch = _read_images(request, current_app.config, _preprocess_arg(request))
-    if batch:
-        raise ApiError(400, "batch_not_supported", 'send one image (a body, one file or {"image": ...})')
+    images, _ = _read_images(request, current_app.config, _preprocess_arg(request), single=True)
     digits, probs, x, saliency = explain_images(model, images)
     metrics.record_prediction(model, digits, probs)  # an explained prediction counts as a prediction
     body = explanation(int(digits[0]), probs[0], x[0], saliency[0])
@@ -147,24 +145,28 @@ def _preprocess_arg(req: Request) -> bool:
     return mode == "auto"
 
 
-def _read_images(req: Request, config: Config, preprocess: bool) -> tuple[np.ndarray, bool]:
-    """(m, 28, 28) images from the request body, and whether a batch was sent."""
+def _read_images(
+    req: Request, config: Config, preprocess: bool, single: bool = False
+) -> tuple[np.ndarray, bool]:
+    """(m, 28, 28) images from the request body, and whether a batch was sent.
+
+    The number of images (MAX_BATCH, or one when `single`) and their declared
+    pixels (MAX_IMAGE_PIXELS each, MAX_REQUEST_PIXELS together) are checked
+    before any image is decoded or any JSON value becomes an array."""
     mimetype = req.mimetype
-    max_pixels = config["MAX_IMAGE_PIXELS"]
     if mimetype.startswith("image/") or mimetype in IMAGE_TYPES:
         data = req.get_data(cache=False)
         if not data:
             raise ApiError(400, "empty_body", "the request body is empty")
-        return imaging.to_mnist(imaging.decode(data, max_pixels), preprocess)[None], False
+        return np.stack(_decode_all([data], config, preprocess)), False
     if mimetype == "multipart/form-data":
         files = req.files.getlist("image")
         if not files:
             raise ApiError(400, "missing_image", 'multipart body has no file in the field "image"')
-        _check_batch(len(files), config)
-        images = [imaging.to_mnist(imaging.decode(f.read(), max_pixels), preprocess) for f in files]
-        return np.stack(images), len(images) > 1
+        _check_batch(len(files), config, single)
+        return np.stack(_decode_all([f.read() for f in files], config, preprocess)), len(files) > 1
     if mimetype in JSON_TYPES or mimetype.endswith("+json"):
-        return _read_json(req, config, preprocess)
+        return _read_json(req, config, preprocess, single)
     if not mimetype and not req.content_length:
         raise ApiError(400, "empty_body", "the request body is empty; send an image or JSON")
     raise ApiError(
@@ -175,17 +177,29 @@ def _read_images(req: Request, config: Config, preprocess: bool) -> tuple[np.nda
     )
 
 
-def _check_batch(n: int, config: Config) -> None:
+def _decode_all(blobs: list[bytes], config: Config, preprocess: bool) -> list[np.ndarray]:
+    images = imaging.decode_batch(blobs, config["MAX_IMAGE_PIXELS"], config["MAX_REQUEST_PIXELS"])
+    return [imaging.to_mnist(a, preprocess) for a in images]
+
+
+def _check_batch(n: int, config: Config, single: bool = False) -> None:
+    """MAX_BATCH images at most (413); one when the route explains (400 for a batch)."""
+    if single and n > 1:
+        raise _batch_not_supported()
     limit = config["MAX_BATCH"]
     if n > limit:
         raise ApiError(413, "batch_too_large", f"batch of {n} images exceeds MAX_BATCH={limit}")
+
+
+def _batch_not_supported() -> ApiError:
+    return ApiError(400, "batch_not_supported", 'send one image (a body, one file or {"image": ...})')
 
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _read_json(req: Request, config: Config, preprocess: bool) -> tuple[np.ndarray, bool]:
+def _read_json(req: Request, config: Config, preprocess: bool, single: bool) -> tuple[np.ndarray, bool]:
     raw = req.get_data(cache=False)
     if not raw:
         raise ApiError(400, "empty_body", "the request body is empty")
@@ -199,6 +213,8 @@ def _read_json(req: Request, config: Config, preprocess: bool) -> tuple[np.ndarr
         items = doc["instances"]
         if not isinstance(items, list) or not items:
             raise ApiError(400, "wrong_shape", '"instances" must be a non-empty list of images')
+        if single:  # "instances" asks for a batch, even of one
+            raise _batch_not_supported()
         _check_batch(len(items), config)
         batch = True
     else:

@@ -17,6 +17,9 @@ Configuration (environment variable, default):
     MAX_CONTENT_LENGTH  4194304      largest request body in bytes, 4 MiB (413 beyond)
     MAX_IMAGE_PIXELS    16000000     largest decoded image, width × height (413 beyond):
                                      a 4 MiB PNG can declare gigapixels (a decompression bomb)
+    MAX_REQUEST_PIXELS  4000000      most decoded pixels in one request, all its images together
+                                     (413 beyond), read from the headers before any decoding:
+                                     a batch of 1024 small files must not cost 1024 large decodes
     TRUSTED_PROXIES     0            reverse proxies in front (e.g. 1 behind nginx): the client
                                      address (request.remote_addr, the access log's `remote`) and
                                      scheme come from the last N X-Forwarded-For / -Proto hops;
@@ -54,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BATCH": 1024,
     "MAX_CONTENT_LENGTH": 4 * 1024 * 1024,
     "MAX_IMAGE_PIXELS": 16_000_000,
+    "MAX_REQUEST_PIXELS": 4_000_000,
     "TRUSTED_PROXIES": 0,
 }
 _TYPES = {
@@ -61,6 +65,7 @@ _TYPES = {
     "MAX_BATCH": int,
     "MAX_CONTENT_LENGTH": int,
     "MAX_IMAGE_PIXELS": int,
+    "MAX_REQUEST_PIXELS": int,
     "TRUSTED_PROXIES": int,
     "MIN_ACCURACY": float,
     "PROMOTION_TOLERANCE": float,
