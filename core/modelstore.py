@@ -33,8 +33,9 @@ WEIGHTS_FILE = "weights.npz"
 METADATA_FILE = "model.json"
 REPORT_FILE = "report.png"
 TEMP_PREFIX = ".tmp-"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_VERSION_RE = re.compile(r"^[1-9][0-9]{0,9}$")
+# fullmatch, not match with `$`: `$` also matches before a final newline ("2\n").
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,9}")
 
 
 class InvalidModel(Exception):
@@ -52,7 +53,7 @@ class LoadedModel:
 
 def check_name(name: str) -> str:
     """Model names become path components, so only a safe alphabet is allowed."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"invalid model name {name!r}: use letters, digits, '_', '-', '.'")
     return name
 
@@ -60,7 +61,7 @@ def check_name(name: str) -> str:
 def parse_version(text: str | int) -> int:
     """A version is a positive integer; anything else (e.g. '../x') is refused."""
     s = str(text)
-    if not _VERSION_RE.match(s):
+    if not _VERSION_RE.fullmatch(s):
         raise ValueError(f"invalid version {text!r}: expected a positive integer")
     return int(s)
 
@@ -72,7 +73,7 @@ def list_versions(models_dir: Path | str, name: str) -> list[int]:
         entries = list(os.scandir(root))
     except FileNotFoundError:
         return []
-    return sorted(int(e.name) for e in entries if _VERSION_RE.match(e.name) and e.is_dir())
+    return sorted(int(e.name) for e in entries if _VERSION_RE.fullmatch(e.name) and e.is_dir())
 
 
 def sha256_bytes(data: bytes) -> str:

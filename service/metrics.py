@@ -18,7 +18,9 @@ Metrics:
     mnist_model_rejected_versions_total{model}      versions a worker refused to load
 
 `endpoint` is the route's rule (`/v2/models/<name>/infer`), never the raw
-path, so a scanner probing random URLs cannot blow up the label set.
+path, and `method` is one of HTTP's methods or `other`, so a scanner probing
+random URLs or made-up methods cannot blow up the label set (every series
+stays in every worker's files, and in every scrape, for good).
 `model` and `version` name the version that answered (empty when none did,
 e.g. /healthz or a 400), so a canary can be compared with stable. gRPC calls
 (service/grpc_server.py) are counted in the same two series under their
@@ -51,6 +53,9 @@ from core.modelstore import LoadedModel
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CONFIDENCE_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 UNMATCHED = "<unmatched>"
+# RFC 9110's methods and PATCH; any other method a client invents is counted as OTHER_METHOD.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+OTHER_METHOD = "other"
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,8 @@ def init_app(app: Flask) -> None:
         endpoint = rule.rule if rule is not None else UNMATCHED
         model = g.get("answered_by")
         name, version = (model.name, str(model.version)) if model is not None else ("", "")
-        metrics.requests.labels(endpoint, request.method, str(response.status_code), name, version).inc()
+        method = request.method if request.method in METHODS else OTHER_METHOD
+        metrics.requests.labels(endpoint, method, str(response.status_code), name, version).inc()
         t0 = g.get("request_t0")  # set by service.app
         if t0 is not None:
             metrics.latency.labels(endpoint, name, version).observe(time.perf_counter() - t0)
