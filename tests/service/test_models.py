@@ -53,7 +53,7 @@ def test_empty_repository_gives_503_then_picks_up_a_version(tmp_path):
     [
         (lambda p: (p / "weights.npz").write_bytes(b"not the weights"), "sha256"),
         (lambda p: (p / "model.json").unlink(), "missing"),
-        (lambda p: (p / "model.json").write_text("{half"), "unreadable"),
+        (lambda p: (p / "model.json").write_text("{half"), "not valid JSON"),
         (lambda p: (p / "weights.npz").unlink(), "weights.npz"),
     ],
     ids=["tampered", "half-written", "bad-json", "no-weights"],
