@@ -53,7 +53,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service import v2
 from service.errors import ApiError
-from service.metrics import Metrics, count_predictions
+from service.metrics import Metrics, count_predictions, version_label
 from service.proto import open_inference_grpc_pb2 as pb2
 from service.proto import open_inference_grpc_pb2_grpc as pb2_grpc
 
@@ -245,7 +245,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             count_predictions(
                 self.metrics,
                 model.name,
-                str(model.version),
+                version_label(self.app.extensions.get("registry"), model),
                 results["digit"],
                 results["probabilities"].max(axis=1),
             )
