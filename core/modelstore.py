@@ -92,6 +92,7 @@ def _is_dir_or_broken(entry: os.DirEntry) -> bool:
 
 
 MAX_JSON_BYTES = 1 << 20  # model.json is a few kB; labels.json a few bytes
+MAX_WEIGHTS_BYTES = 1 << 30  # a 784-1024-10 float32 network is 3 MB
 
 
 def _finite_float(text: str) -> float:
@@ -105,15 +106,10 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
-    """A small JSON file of the repository, parsed, or ValueError saying what is wrong with it.
-
-    Repository files are read by every worker on every scan, so a pathological
-    one must cost little and fail cleanly: the read is bounded (`limit`), only
-    a regular file is read (a FIFO would block the scan), nesting too deep for
-    the parser, numbers that overflow to infinity and NaN are errors. OSError
-    (missing, unreadable, a symlink loop) is left to the caller.
-    """
+def read_file(path: Path, limit: int) -> bytes:
+    """A repository file's bytes, or ValueError: only a regular file is read (a FIFO would
+    block the scan for good), and at most `limit` bytes of it. OSError (missing, unreadable,
+    a symlink loop) is left to the caller."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -121,6 +117,18 @@ def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path.name} is larger than {limit} bytes")
+    return data
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """A small JSON file of the repository, parsed, or ValueError saying what is wrong with it.
+
+    Repository files are read by every worker on every scan, so a pathological
+    one must cost little and fail cleanly: the read is bounded (`read_file`),
+    nesting too deep for the parser, numbers that overflow to infinity and NaN
+    are errors. OSError is left to the caller.
+    """
+    data = read_file(path, limit)
     try:
         return json.loads(data, parse_float=_finite_float, parse_constant=_no_constant)
     except RecursionError:
@@ -270,9 +278,11 @@ def load(models_dir: Path | str, name: str, version: int | str, verify: bool = T
     meta = read_metadata(path)
     sizes, activations, cost = _architecture(meta)
     try:
-        data = (path / WEIGHTS_FILE).read_bytes()
+        data = read_file(path / WEIGHTS_FILE, MAX_WEIGHTS_BYTES)
     except OSError as e:
         raise InvalidModel(f"{WEIGHTS_FILE} is unreadable: {e.strerror}") from None
+    except ValueError as e:
+        raise InvalidModel(str(e)) from None
     if verify:
         actual, expected = sha256_bytes(data), meta["files"][WEIGHTS_FILE]["sha256"]
         if actual != expected:

@@ -118,6 +118,16 @@ def test_pathological_model_json_is_an_invalid_model(tmp_path, damage, reason):
         ms.load(tmp_path, "mnist", 1)
 
 
+def test_weights_that_are_not_a_regular_file_are_an_invalid_model(tmp_path):
+    """A FIFO in place of weights.npz would block the reader for good: it is refused at once."""
+    ms.publish(tmp_path, "mnist", _net(), {})
+    weights = tmp_path / "mnist" / "1" / ms.WEIGHTS_FILE
+    weights.unlink()
+    os.mkfifo(weights)
+    with pytest.raises(ms.InvalidModel, match="not a regular file"):
+        ms.load(tmp_path, "mnist", 1)
+
+
 def test_a_version_folder_that_is_a_symlink_loop_is_listed_not_fatal(tmp_path):
     """list_versions lists a version it cannot stat (its loader then rejects it) and the others."""
     ms.publish(tmp_path, "mnist", _net(), {})
