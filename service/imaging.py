@@ -186,8 +186,6 @@ def decode_batch(blobs: list[bytes], max_pixels: int, max_request_pixels: int) -
                 f"the first {i + 1} images declare {total} pixels; the limit per request is "
                 f"MAX_REQUEST_PIXELS={max_request_pixels}",
             )
-    if len(blobs) == 1:
-        return [decode(blobs[0], max_pixels)]
     return [decode(data, max_pixels) for data in blobs]
 
 
