@@ -32,6 +32,7 @@ import io
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -61,6 +62,13 @@ _WIDE_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 # A progressive JPEG may hold any number of scans, and each one is a pass over the whole
 # image: libjpeg takes seconds for a small file with thousands. Real encoders write about 10.
 MAX_JPEG_SCANS = 64
+# Pillow walks a file's structure in Python: a JPEG's markers before the first scan, a GIF's
+# blocks before its first image, every PNG chunk. Real files have tens (a PNG's image data
+# comes in chunks of 8 to 64 kB); a 4 MiB file of empty ones would cost seconds. So an image
+# may hold MAX_STRUCTURE of them, and all of a request's images MAX_REQUEST_STRUCTURE (a batch
+# of 1024 real digits holds about 5000), at a few microseconds each.
+MAX_STRUCTURE = 4096
+MAX_REQUEST_STRUCTURE = 16 * MAX_STRUCTURE
 _BMP_COMPRESSIONS = (0, 3)  # plain and bit fields: the RLE decoders are pure Python and slow
 
 
@@ -72,7 +80,10 @@ _PNG_MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}
 _PNG_KEPT = (b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND")
 
 
-def _png_chunks(data: bytes) -> list[tuple[bytes, int, int]] | None:
+Chunks = list[tuple[bytes, int, int]]
+
+
+def _png_chunks(data: bytes) -> Chunks | None:
     """(type, start, stop) of each chunk of a PNG up to IEND, every CRC checked; None when
     `data` is not a PNG or a chunk is malformed. `struct` only: nothing is inflated."""
     if not data.startswith(_PNG_SIGNATURE):
@@ -88,6 +99,8 @@ def _png_chunks(data: bytes) -> list[tuple[bytes, int, int]] | None:
         chunks.append((kind, pos, stop + 4))
         if kind == b"IEND":
             return chunks
+        if len(chunks) > MAX_STRUCTURE:
+            raise ApiError(400, "invalid_image", f"the PNG has more than {MAX_STRUCTURE} chunks")
         pos = stop + 4
 
 
@@ -104,7 +117,11 @@ def _plain_png(data: bytes) -> tuple[str, tuple[int, int], bytes] | None:
     with the "zip" decoder, in `decode`). Anything unusual returns None and
     takes the generic path, which gives the precise error.
     """
-    chunks = _png_chunks(data)
+    return _plain_png_of(data, _png_chunks(data))
+
+
+def _plain_png_of(data: bytes, chunks: Chunks | None) -> tuple[str, tuple[int, int], bytes] | None:
+    """`_plain_png` from chunks already walked (the walk is the costly part)."""
     if not chunks or chunks[0][0] != b"IHDR" or chunks[0][2] - chunks[0][1] != 25:
         return None
     header, idat = struct.unpack_from(">IIBBBBB", data, chunks[0][1] + 8), []
@@ -168,17 +185,25 @@ def _other_format(data: bytes) -> str | None:
 
 def decode(data: bytes, max_pixels: int) -> np.ndarray:
     """One 8-bit grayscale frame (H, W) of `data`, or ApiError 400 / 413 / 415."""
-    return _decoding(lambda: _decode(data, max_pixels))
+    return _decoding(lambda: _decode(_probe(data, max_pixels)))
 
 
 def decode_batch(blobs: list[bytes], max_pixels: int, max_request_pixels: int) -> list[np.ndarray]:
     """Every image of a request, once the headers have shown that each fits `max_pixels` and all
     of them together fit `max_request_pixels` (413 otherwise): a request's decoding work and
     memory are bounded by its budget, not by how many images fit in the body."""
-    total = 0
+    probes, total, parts = [], 0, 0
     for i, data in enumerate(blobs):
-        w, h = _decoding(lambda data=data: _header_size(data, max_pixels))
-        total += w * h
+        probe = _decoding(lambda data=data: _probe(data, max_pixels))
+        total += probe.size[0] * probe.size[1]
+        parts += probe.parts
+        if parts > MAX_REQUEST_STRUCTURE:
+            raise ApiError(
+                413,
+                "request_too_large",
+                f"the first {i + 1} images hold more than {MAX_REQUEST_STRUCTURE} chunks, markers or "
+                "blocks together",
+            )
         if total > max_request_pixels:
             raise ApiError(
                 413,
@@ -186,7 +211,8 @@ def decode_batch(blobs: list[bytes], max_pixels: int, max_request_pixels: int) -
                 f"the first {i + 1} images declare {total} pixels; the limit per request is "
                 f"MAX_REQUEST_PIXELS={max_request_pixels}",
             )
-    return [decode(data, max_pixels) for data in blobs]
+        probes.append(probe)
+    return [_decoding(lambda probe=probe: _decode(probe)) for probe in probes]
 
 
 def _decoding(step: Callable[[], T]) -> T:
@@ -203,28 +229,19 @@ def _decoding(step: Callable[[], T]) -> T:
         raise ApiError(400, "invalid_image", f"cannot decode the image: {type(e).__name__}: {e}") from None
 
 
-def _decode(data: bytes, max_pixels: int) -> np.ndarray:
-    if (png := _plain_png(data)) is not None:
-        mode, size, stream = png
-        _check_size(size, max_pixels)
-        return _to_gray(Image.frombytes(mode, size, stream, "zip", mode))
-    img = _open(data, max_pixels)
-    if img.format in ("JPEG", "MPO") and max(img.size) > WORK_SIDE:
-        img.draft(None, (WORK_SIDE, WORK_SIDE))  # libjpeg scales by 1/2, 1/4 or 1/8 while decoding
-    img.load()  # an animation opens on its first frame; that frame is what is used
-    return _to_gray(img)
+@dataclass(frozen=True)
+class _Probe:
+    """What an image's header says, checked; enough to decode it without reading the header again."""
+
+    size: tuple[int, int]
+    kind: str  # one of FORMATS
+    data: bytes  # what Pillow opens (a PNG: its image chunks only)
+    parts: int  # chunks, markers or blocks walked to find the size (MAX_REQUEST_STRUCTURE)
+    plain: tuple[str, bytes] | None = None  # a plain PNG's mode and zlib stream
 
 
-def _header_size(data: bytes, max_pixels: int) -> tuple[int, int]:
-    """The size `data` declares, checked against `max_pixels`; no pixel is decoded."""
-    png = _plain_png(data)
-    size = png[1] if png is not None else _open(data, max_pixels).size
-    _check_size(size, max_pixels)
-    return size
-
-
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """The image's header, opened by Pillow for an allowed format, its size checked; not decoded."""
+def _probe(data: bytes, max_pixels: int) -> _Probe:
+    """The image's format and size from its header, both checked; no pixel is decoded."""
     if not data:
         raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
     kind = _format_of(data)
@@ -241,32 +258,98 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         chunks = _png_chunks(data)
         if chunks is None:
             raise ApiError(400, "invalid_image", "the PNG is truncated or has a corrupt chunk")
+        parts = len(chunks)
+        if (plain := _plain_png_of(data, chunks)) is not None:
+            mode, size, stream = plain
+            _check_size(size, max_pixels)
+            return _Probe(size, kind, b"", parts, (mode, stream))
         data = _PNG_SIGNATURE + b"".join(data[a:b] for k, a, b in chunks if k in _PNG_KEPT)
-    elif kind == "WEBP":
+    elif kind == "WEBP":  # its size from the header alone: Image.open allocates the canvas
         size = _webp_size(data)
         if size is None:
             raise ApiError(400, "invalid_image", "the WebP header is truncated or unknown")
         _check_size(size, max_pixels)
-    elif kind == "JPEG" and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        return _Probe(size, kind, data, 1)
+    elif kind == "JPEG":
+        parts = _check_jpeg(data)
+    elif kind == "GIF":
+        parts = _check_gif(data)
+    else:
+        parts = _check_bmp(data)
+    size = Image.open(io.BytesIO(data), formats=(kind,)).size
+    _check_size(size, max_pixels)
+    return _Probe(size, kind, data, parts)
+
+
+def _decode(probe: _Probe) -> np.ndarray:
+    """The first frame of a probed image, as 8-bit gray."""
+    if probe.plain is not None:
+        mode, stream = probe.plain
+        return _to_gray(Image.frombytes(mode, probe.size, stream, "zip", mode))
+    img = Image.open(io.BytesIO(probe.data), formats=(probe.kind,))
+    if img.size != probe.size:  # the header said one size, the decoder found another
+        raise ApiError(400, "invalid_image", f"the image is {img.size}, its header said {probe.size}")
+    if img.format in ("JPEG", "MPO") and max(img.size) > WORK_SIDE:
+        img.draft(None, (WORK_SIDE, WORK_SIDE))  # libjpeg scales by 1/2, 1/4 or 1/8 while decoding
+    img.load()  # an animation opens on its first frame; that frame is what is used
+    return _to_gray(img)
+
+
+def _check_jpeg(data: bytes) -> int:
+    """Refuse a JPEG whose structure would cost more than its pixels: over MAX_JPEG_SCANS scans
+    (libjpeg makes a pass over the image for each) or MAX_STRUCTURE markers before the first;
+    else the number of markers, for the request's MAX_REQUEST_STRUCTURE."""
+    if data.count(b"\xff\xda") > MAX_JPEG_SCANS:
         raise ApiError(400, "invalid_image", f"the JPEG has more than {MAX_JPEG_SCANS} scans")
-    elif kind == "BMP":
-        _check_bmp(data)
-    img = Image.open(io.BytesIO(data), formats=(kind,))
-    _check_size(img.size, max_pixels)
-    return img
+    pos, end = 2, len(data)
+    for markers in range(1, MAX_STRUCTURE + 1):
+        start = pos
+        while pos < end and data[pos] == 0xFF:  # a marker, after any fill bytes
+            pos += 1
+        if pos == start or pos >= end or data[pos] == 0xDA:
+            return markers  # the first scan, or a malformed file Pillow will describe
+        marker, pos = data[pos], pos + 1
+        if not (0xD0 <= marker <= 0xD9 or marker == 0x01):  # these have no length
+            if pos + 2 > end:
+                return markers
+            pos += int.from_bytes(data[pos : pos + 2], "big")
+    raise ApiError(400, "invalid_image", f"the JPEG has more than {MAX_STRUCTURE} markers before its image")
 
 
-def _check_bmp(data: bytes) -> None:
+def _check_gif(data: bytes) -> int:
+    """Refuse a GIF with more than MAX_STRUCTURE blocks (extensions and their sub-blocks) before
+    its first image; else the number of blocks, for the request's MAX_REQUEST_STRUCTURE."""
+    pos, end = 13, len(data)
+    if end > 10 and data[10] & 0x80:
+        pos += 3 << ((data[10] & 7) + 1)  # the global colour table
+    blocks = 0
+    while pos < end and data[pos] == 0x21:  # an extension: label, then sub-blocks up to an empty one
+        pos += 2
+        while True:
+            blocks += 1
+            if blocks > MAX_STRUCTURE:
+                raise ApiError(
+                    400, "invalid_image", f"the GIF has more than {MAX_STRUCTURE} blocks before its image"
+                )
+            if pos >= end or not data[pos]:
+                break
+            pos += 1 + data[pos]
+        pos += 1
+    return blocks + 1
+
+
+def _check_bmp(data: bytes) -> int:
     """Refuse what Pillow's BMP plugin handles in Python loops: RLE compression (a pure-Python
     decoder) and palettes over 256 colours (a Python loop per declared colour, up to 65536, run
-    inside Image.open however short the file)."""
+    inside Image.open however short the file). One header: 1 towards MAX_REQUEST_STRUCTURE."""
     if len(data) < 18 or int.from_bytes(data[14:18], "little") < 40 or len(data) < 50:
-        return  # the old OS/2 header: no compression, at most 256 colours
+        return 1  # the old OS/2 header: no compression, at most 256 colours
     compression = int.from_bytes(data[30:34], "little")
     if compression not in _BMP_COMPRESSIONS:
         raise ApiError(415, "unsupported_image_format", f"BMP compression {compression} is not accepted")
     if int.from_bytes(data[46:50], "little") > 256:
         raise ApiError(400, "invalid_image", "the BMP declares a palette of more than 256 colours")
+    return 1
 
 
 def _check_size(size: tuple[int, int], max_pixels: int) -> None:
