@@ -180,7 +180,7 @@ def test_a_worker_with_2000_versions_is_ready_in_bounded_time(gunicorn, tmp_path
     on disk (hard links of one, so the test writes little) both workers are ready within
     BOOT_BOUND_SECONDS, and a pinned request validates an old version when asked."""
     models_dir = tmp_path / "models"
-    publish(models_dir, random_net(1, hidden=512))  # weights a full validation must read
+    publish(models_dir, random_net(1, hidden=1024))  # weights a full validation must read
     first = models_dir / "mnist" / "1"
     for version in range(2, BOOT_VERSIONS + 1):
         target = models_dir / "mnist" / str(version)
