@@ -9,10 +9,9 @@ pinned request validates its version when it asks. So a worker boots in
 time proportional to the number of versions times one small file read, not
 times their weights, and each verdict is remembered until the version's
 files change. Only a validated version is swapped into the single `_live`
-reference. A request
-reads that reference once and uses the model it got to the end, so a swap
-never fails or mixes a request, and deleting a served version's folder
-changes nothing for requests: its arrays are in memory.
+reference. A request reads that reference once and uses the model it got to
+the end, so a swap never fails or mixes a request, and deleting a served
+version's folder changes nothing for requests: its arrays are in memory.
 
 Invalid, half-written, tampered or unreadable versions (whatever the
 exception) are recorded with the reason and logged once; the other versions,
