@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.modelstore import check_name
+from core.modelstore import check_name, read_json
 
 LABELS_FILE = "labels.json"
 LABELS = ("stable", "canary")
 _KEYS = {"stable", "previous_stable", "canary", "canary_percent"}
+MAX_LABELS_BYTES = 4096  # four small numbers
 
 
 class InvalidLabels(Exception):
@@ -78,8 +79,12 @@ def parse(text: str | bytes) -> Labels:
     """labels.json's content as Labels, or InvalidLabels saying what is wrong."""
     try:
         doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidLabels(f"{LABELS_FILE} is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep nesting
+        raise InvalidLabels(f"{LABELS_FILE} is not valid JSON: {type(e).__name__}: {e}") from None
+    return _labels(doc)
+
+
+def _labels(doc: Any) -> Labels:
     if not isinstance(doc, dict):
         raise InvalidLabels(f"{LABELS_FILE} must be a JSON object")
     unknown = sorted(set(doc) - _KEYS)
@@ -101,12 +106,14 @@ def path(models_dir: Path | str, name: str) -> Path:
 def read(models_dir: Path | str, name: str) -> Labels:
     """The model's labels; empty Labels when there is no file; InvalidLabels when it is broken."""
     try:
-        text = path(models_dir, name).read_bytes()
+        doc = read_json(path(models_dir, name), MAX_LABELS_BYTES)
     except FileNotFoundError:
         return Labels()
     except OSError as e:
         raise InvalidLabels(f"{LABELS_FILE} is unreadable: {e.strerror}") from None
-    return parse(text)
+    except ValueError as e:
+        raise InvalidLabels(str(e)) from None
+    return _labels(doc)
 
 
 def write(models_dir: Path | str, name: str, labels: Labels) -> Path:

@@ -16,9 +16,11 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +35,9 @@ WEIGHTS_FILE = "weights.npz"
 METADATA_FILE = "model.json"
 REPORT_FILE = "report.png"
 TEMP_PREFIX = ".tmp-"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_VERSION_RE = re.compile(r"^[1-9][0-9]{0,9}$")
+# fullmatch, not match with `$`: `$` also matches before a final newline ("2\n").
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,9}")
 
 
 class InvalidModel(Exception):
@@ -52,7 +55,7 @@ class LoadedModel:
 
 def check_name(name: str) -> str:
     """Model names become path components, so only a safe alphabet is allowed."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"invalid model name {name!r}: use letters, digits, '_', '-', '.'")
     return name
 
@@ -60,19 +63,78 @@ def check_name(name: str) -> str:
 def parse_version(text: str | int) -> int:
     """A version is a positive integer; anything else (e.g. '../x') is refused."""
     s = str(text)
-    if not _VERSION_RE.match(s):
+    if not _VERSION_RE.fullmatch(s):
         raise ValueError(f"invalid version {text!r}: expected a positive integer")
     return int(s)
 
 
 def list_versions(models_dir: Path | str, name: str) -> list[int]:
-    """Integer-named folders under models/<name>/, ascending. Temp folders are not versions."""
+    """Integer-named folders under models/<name>/, ascending. Temp folders are not versions.
+
+    An entry that cannot even be stat'ed (a symlink loop, a dangling mount) is
+    listed too: it is a version its loader rejects with a reason, not a reason
+    to stop listing the others."""
     root = Path(models_dir) / check_name(name)
     try:
         entries = list(os.scandir(root))
     except FileNotFoundError:
         return []
-    return sorted(int(e.name) for e in entries if _VERSION_RE.match(e.name) and e.is_dir())
+    return sorted(int(e.name) for e in entries if _VERSION_RE.fullmatch(e.name) and _is_dir_or_broken(e))
+
+
+def _is_dir_or_broken(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except FileNotFoundError:
+        return False  # deleted while listing
+    except OSError:
+        return True
+
+
+MAX_JSON_BYTES = 1 << 20  # model.json is a few kB; labels.json a few bytes
+MAX_WEIGHTS_BYTES = 1 << 30  # a 784-1024-10 float32 network is 3 MB
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} overflows")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_file(path: Path, limit: int) -> bytes:
+    """A repository file's bytes, or ValueError: only a regular file is read (a FIFO would
+    block the scan for good), and at most `limit` bytes of it. OSError (missing, unreadable,
+    a symlink loop) is left to the caller."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path.name} is larger than {limit} bytes")
+    return data
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """A small JSON file of the repository, parsed, or ValueError saying what is wrong with it.
+
+    Repository files are read by every worker on every scan, so a pathological
+    one must cost little and fail cleanly: the read is bounded (`read_file`),
+    nesting too deep for the parser, numbers that overflow to infinity and NaN
+    are errors. OSError is left to the caller.
+    """
+    data = read_file(path, limit)
+    try:
+        return json.loads(data, parse_float=_finite_float, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError(f"{path.name} is nested too deeply") from None
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError too
+        raise ValueError(f"{path.name} is not valid JSON: {e}") from None
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -172,37 +234,61 @@ def publish(
         raise
 
 
-def load(models_dir: Path | str, name: str, version: int | str) -> LoadedModel:
-    """Load and verify one version: checksum, architecture, array shapes, finiteness."""
-    version = parse_version(version)
-    path = Path(models_dir) / check_name(name) / str(version)
+def read_metadata(path: Path) -> dict[str, Any]:
+    """A version folder's model.json, checked as far as it goes without the weights: the format,
+    the architecture and the weights' checksum entry (InvalidModel otherwise). What a scan reads
+    of every version; no reason names a path on the host."""
     try:
-        meta = json.loads((path / METADATA_FILE).read_bytes())
+        meta = read_json(path / METADATA_FILE)
     except FileNotFoundError:
         raise InvalidModel(f"{METADATA_FILE} is missing (incomplete or not a model)") from None
-    except (OSError, ValueError) as e:
-        raise InvalidModel(f"{METADATA_FILE} is unreadable: {e}") from None
+    except OSError as e:
+        raise InvalidModel(f"{METADATA_FILE} is unreadable: {e.strerror}") from None
+    except ValueError as e:
+        raise InvalidModel(str(e)) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise InvalidModel(f"unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise InvalidModel(f"unknown format {str(found)[:40]!r}")
+    _architecture(meta)
+    return meta
+
+
+def _architecture(meta: dict[str, Any]) -> tuple[tuple[int, ...], tuple[str, ...], str]:
     try:
         arch = meta["architecture"]
         sizes = tuple(int(n) for n in arch["sizes"])
         activations = tuple(str(a) for a in arch["activations"])
         cost = str(arch["cost"])
-        expected_sha = meta["files"][WEIGHTS_FILE]["sha256"]
+        if not isinstance(meta["files"][WEIGHTS_FILE]["sha256"], str):
+            raise TypeError("the sha256 of weights.npz must be a string")
         check_architecture(sizes, activations, cost)
-    except (KeyError, TypeError, ValueError) as e:
-        raise InvalidModel(f"{METADATA_FILE} has a bad architecture or file list: {e}") from None
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+        message = f"{type(e).__name__}: {e}"[:200]
+        raise InvalidModel(f"{METADATA_FILE} has a bad architecture or file list: {message}") from None
+    return sizes, activations, cost
 
+
+def load(models_dir: Path | str, name: str, version: int | str, verify: bool = True) -> LoadedModel:
+    """Load and verify one version: checksum, architecture, array shapes, finiteness.
+
+    `verify=False` skips the checksum, for a version whose files were verified
+    before and have not changed since (service.models remembers that)."""
+    version = parse_version(version)
+    path = Path(models_dir) / check_name(name) / str(version)
+    meta = read_metadata(path)
+    sizes, activations, cost = _architecture(meta)
     try:
-        data = (path / WEIGHTS_FILE).read_bytes()
+        data = read_file(path / WEIGHTS_FILE, MAX_WEIGHTS_BYTES)
     except OSError as e:
         raise InvalidModel(f"{WEIGHTS_FILE} is unreadable: {e.strerror}") from None
-    actual_sha = sha256_bytes(data)
-    if actual_sha != expected_sha:
-        raise InvalidModel(
-            f"{WEIGHTS_FILE} sha256 {actual_sha[:12]}… does not match model.json {str(expected_sha)[:12]}…"
-        )
+    except ValueError as e:
+        raise InvalidModel(str(e)) from None
+    if verify:
+        actual, expected = sha256_bytes(data), meta["files"][WEIGHTS_FILE]["sha256"]
+        if actual != expected:
+            raise InvalidModel(
+                f"{WEIGHTS_FILE} sha256 {actual[:12]}… does not match model.json {expected[:12]}…"
+            )
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}

@@ -61,7 +61,8 @@ def models() -> Response:
     # MODEL_NAME's status at the top level (as before), every model's under "models".
     registry = _registry()
     statuses = [feedback.live_figures(m.status()) for m in registry.managers()]
-    return json_response({**statuses[0], "models": statuses})
+    default = next(s for s in statuses if s["name"] == registry.default.name)
+    return json_response({**default, "models": statuses})
 
 
 def _explain_when_asked(view: Callable[[], Response]) -> Callable[[], Response]:
@@ -108,9 +109,7 @@ def explain() -> Response:
     image only, since each answer carries two 28×28 maps.
     """
     model = _requested_model(request)
-    images, batch = _read_images(request, current_app.config, _preprocess_arg(request))
-    if batch:
-        raise ApiError(400, "batch_not_supported", 'send one image (a body, one file or {"image": ...})')
+    images, _ = _read_images(request, current_app.config, _preprocess_arg(request), single=True)
     digits, probs, x, saliency = explain_images(model, images)
     metrics.record_prediction(model, digits, probs)  # an explained prediction counts as a prediction
     body = explanation(int(digits[0]), probs[0], x[0], saliency[0])
@@ -162,32 +161,36 @@ class Upload:
     fields: Mapping[str, Any]
 
 
-def _read_images(req: Request, config: Config, preprocess: bool) -> tuple[np.ndarray, bool]:
+def _read_images(
+    req: Request, config: Config, preprocess: bool, single: bool = False
+) -> tuple[np.ndarray, bool]:
     """(m, 28, 28) images from the request body, and whether a batch was sent."""
-    upload = read_upload(req, config, preprocess)
+    upload = read_upload(req, config, preprocess, single)
     return upload.images, upload.batch
 
 
-def read_upload(req: Request, config: Config, preprocess: bool) -> Upload:
-    """The body in any form /predict accepts, decoded and normalised (`service.imaging`)."""
+def read_upload(req: Request, config: Config, preprocess: bool, single: bool = False) -> Upload:
+    """The body in any form /predict accepts, decoded and normalised (`service.imaging`).
+
+    The number of images (MAX_BATCH, or one when `single`) and their declared
+    pixels (MAX_IMAGE_PIXELS each, MAX_REQUEST_PIXELS together) are checked
+    before any image is decoded or any JSON value becomes an array."""
     mimetype = req.mimetype
-    max_pixels = config["MAX_IMAGE_PIXELS"]
     if mimetype.startswith("image/") or mimetype in IMAGE_TYPES:
         data = req.get_data(cache=False)
         if not data:
             raise ApiError(400, "empty_body", "the request body is empty")
-        image = imaging.to_mnist(imaging.decode(data, max_pixels), preprocess)[None]
-        return Upload(image, False, [(mimetype, data)], {})
+        return Upload(np.stack(_decode_all([data], config, preprocess)), False, [(mimetype, data)], {})
     if mimetype == "multipart/form-data":
         files = req.files.getlist("image")
         if not files:
             raise ApiError(400, "missing_image", 'multipart body has no file in the field "image"')
-        _check_batch(len(files), config)
+        _check_batch(len(files), config, single)
         raw = [(f.mimetype, f.read()) for f in files]
-        images = [imaging.to_mnist(imaging.decode(data, max_pixels), preprocess) for _, data in raw]
-        return Upload(np.stack(images), len(images) > 1, raw, req.form)
+        images = _decode_all([data for _, data in raw], config, preprocess)
+        return Upload(np.stack(images), len(files) > 1, raw, req.form)
     if mimetype in JSON_TYPES or mimetype.endswith("+json"):
-        return _read_json(req, config, preprocess)
+        return _read_json(req, config, preprocess, single)
     if not mimetype and not req.content_length:
         raise ApiError(400, "empty_body", "the request body is empty; send an image or JSON")
     raise ApiError(
@@ -198,17 +201,29 @@ def read_upload(req: Request, config: Config, preprocess: bool) -> Upload:
     )
 
 
-def _check_batch(n: int, config: Config) -> None:
+def _decode_all(blobs: list[bytes], config: Config, preprocess: bool) -> list[np.ndarray]:
+    images = imaging.decode_batch(blobs, config["MAX_IMAGE_PIXELS"], config["MAX_REQUEST_PIXELS"])
+    return [imaging.to_mnist(a, preprocess) for a in images]
+
+
+def _check_batch(n: int, config: Config, single: bool = False) -> None:
+    """MAX_BATCH images at most (413); one when the route explains (400 for a batch)."""
+    if single and n > 1:
+        raise _batch_not_supported()
     limit = config["MAX_BATCH"]
     if n > limit:
         raise ApiError(413, "batch_too_large", f"batch of {n} images exceeds MAX_BATCH={limit}")
+
+
+def _batch_not_supported() -> ApiError:
+    return ApiError(400, "batch_not_supported", 'send one image (a body, one file or {"image": ...})')
 
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _read_json(req: Request, config: Config, preprocess: bool) -> Upload:
+def _read_json(req: Request, config: Config, preprocess: bool, single: bool) -> Upload:
     raw = req.get_data(cache=False)
     if not raw:
         raise ApiError(400, "empty_body", "the request body is empty")
@@ -222,6 +237,8 @@ def _read_json(req: Request, config: Config, preprocess: bool) -> Upload:
         items = doc["instances"]
         if not isinstance(items, list) or not items:
             raise ApiError(400, "wrong_shape", '"instances" must be a non-empty list of images')
+        if single:  # "instances" asks for a batch, even of one
+            raise _batch_not_supported()
         _check_batch(len(items), config)
         batch = True
     else:

@@ -17,6 +17,9 @@ Configuration (environment variable, default):
     MAX_CONTENT_LENGTH  4194304      largest request body in bytes, 4 MiB (413 beyond)
     MAX_IMAGE_PIXELS    16000000     largest decoded image, width × height (413 beyond):
                                      a 4 MiB PNG can declare gigapixels (a decompression bomb)
+    MAX_REQUEST_PIXELS  4000000      most decoded pixels in one request, all its images together
+                                     (413 beyond), read from the headers before any decoding:
+                                     a batch of 1024 small files must not cost 1024 large decodes
     FEEDBACK_DIR        (unset)      where POST /feedback stores corrections (docs/feedback.md);
                                      unset: the route answers 404 feedback_off
     FEEDBACK_MAX_BYTES  1073741824   the most the folder's feedback files may hold, 1 GiB (507 beyond)
@@ -60,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BATCH": 1024,
     "MAX_CONTENT_LENGTH": 4 * 1024 * 1024,
     "MAX_IMAGE_PIXELS": 16_000_000,
+    "MAX_REQUEST_PIXELS": 4_000_000,
     "TRUSTED_PROXIES": 0,
     "FEEDBACK_DIR": None,
     "FEEDBACK_MAX_BYTES": 1 << 30,
@@ -71,6 +75,7 @@ _TYPES = {
     "MAX_BATCH": int,
     "MAX_CONTENT_LENGTH": int,
     "MAX_IMAGE_PIXELS": int,
+    "MAX_REQUEST_PIXELS": int,
     "TRUSTED_PROXIES": int,
     "MIN_ACCURACY": float,
     "PROMOTION_TOLERANCE": float,

@@ -62,9 +62,7 @@ def feedback() -> Response:
     if writer is None:
         raise ApiError(404, "feedback_off", "this server does not store feedback: FEEDBACK_DIR is not set")
     preprocess = api._preprocess_arg(request)
-    upload = api.read_upload(request, current_app.config, preprocess)
-    if upload.batch:
-        raise ApiError(400, "batch_not_supported", "send one image with its digit, not a batch")
+    upload = api.read_upload(request, current_app.config, preprocess, single=True)  # a batch: 400
     fields = _fields(request.args, upload.fields)
     digit = _digit(fields.get("digit"), "digit")
     if digit is None:

@@ -53,7 +53,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service import v2
 from service.errors import ApiError
-from service.metrics import Metrics, count_predictions
+from service.metrics import Metrics, count_predictions, version_label
 from service.proto import open_inference_grpc_pb2 as pb2
 from service.proto import open_inference_grpc_pb2_grpc as pb2_grpc
 
@@ -114,6 +114,7 @@ def parse_infer_request(request: pb2.ModelInferRequest, max_batch: int) -> tuple
         raise v2.V2Error(400, f"the model takes 1 input ({v2.INPUT_NAME!r}), got {len(request.inputs)}")
     tensor = request.inputs[0]
     shape = v2.check_input(tensor.name, tensor.datatype, list(tensor.shape))
+    v2.check_batch(shape, max_batch)
     raw = request.raw_input_contents
     typed = [f.name for f, _ in tensor.contents.ListFields()]
     if raw:
@@ -128,9 +129,11 @@ def parse_infer_request(request: pb2.ModelInferRequest, max_batch: int) -> tuple
         field = CONTENTS_FIELD[tensor.datatype]
         if any(name != field for name in typed):
             raise v2.V2Error(400, f"{tensor.datatype} input contents must be in {field}, got {typed}")
-        # The JSON path's checks (numbers only, count, UINT8 range) apply to the typed values as is.
-        arr = v2.tensor_from_json(list(getattr(tensor.contents, field)), tensor.datatype, shape)
-    x = v2.network_input(arr, tensor.datatype, shape, max_batch)
+        values = getattr(tensor.contents, field)
+        v2.check_count(len(values), shape)  # before the values become a list
+        # The JSON path's checks (numbers only, UINT8 range) apply to the typed values as is.
+        arr = v2.tensor_from_json(list(values), tensor.datatype, shape)
+    x = v2.to_network_input(arr, tensor.datatype)
     chosen: list[str] = []
     for out in request.outputs:
         chosen.append(v2.check_output(out.name, chosen))
@@ -242,7 +245,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             count_predictions(
                 self.metrics,
                 model.name,
-                str(model.version),
+                version_label(self.app.extensions.get("registry"), model),
                 results["digit"],
                 results["probabilities"].max(axis=1),
             )

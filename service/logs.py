@@ -103,6 +103,36 @@ class AccessFormatter(JsonFormatter):
         return json.dumps(doc)  # str, int, float and None only: the default encoder, cached
 
 
+class TextFormatter(logging.Formatter):
+    """LOG_FORMAT=text: one line per record that a client cannot forge.
+
+    A message may carry client text (a request path is decoded, so `%0A` is a
+    newline), so CR, LF and the other control characters in it are escaped;
+    a traceback keeps its lines, each indented, so none of them can pass for
+    a record of its own."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_ESCAPES)
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+# Control characters (C0, DEL, and the Unicode line breaks str.splitlines knows) as Python
+# escapes: a backslash and an n rather than a line break.
+_ESCAPES = {c: ascii(chr(c))[1:-1] for c in (*range(32), 127, 0x85, 0x2028, 0x2029)}
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + line.translate(_ESCAPES) for line in text.splitlines())
+
+
 class RequestIdFilter(logging.Filter):
     """Tags each record written while a request is served with that request's id."""
 
@@ -117,7 +147,7 @@ def _log_level() -> str:
 
 
 def make_formatter() -> logging.Formatter:
-    return logging.Formatter(TEXT_FORMAT) if LOG_FORMAT == "text" else JsonFormatter()
+    return TextFormatter() if LOG_FORMAT == "text" else JsonFormatter()
 
 
 def configure_logging() -> None:
@@ -149,7 +179,7 @@ def gunicorn_logconfig() -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": JsonFormatter}, "text": {"format": TEXT_FORMAT}},
+        "formatters": {"json": {"()": JsonFormatter}, "text": {"()": TextFormatter}},
         "filters": {"request_id": {"()": RequestIdFilter}},
         # Named like configure_logging's handler, so the app does not add a second one.
         "handlers": {

@@ -18,9 +18,14 @@ Metrics:
     mnist_model_rejected_versions_total{model}      versions a worker refused to load
 
 `endpoint` is the route's rule (`/v2/models/<name>/infer`), never the raw
-path, so a scanner probing random URLs cannot blow up the label set.
+path, and `method` is one of HTTP's methods or `other`, so a scanner probing
+random URLs or made-up methods cannot blow up the label set (every series
+stays in every worker's files, and in every scrape, for good).
 `model` and `version` name the version that answered (empty when none did,
-e.g. /healthz or a 400), so a canary can be compared with stable. gRPC calls
+e.g. /healthz or a 400), so a canary can be compared with stable; a version
+that answered only because a request pinned it (`?version=N`), being neither
+stable nor canary, is counted as `version="pinned"`, so that clients cycling
+through a long history cannot add series for every version on disk. gRPC calls
 (service/grpc_server.py) are counted in the same two series under their
 method, `endpoint="/inference.GRPCInferenceService/ModelInfer"` and
 `method="POST"` (gRPC's HTTP/2 method), with the HTTP status the same error
@@ -47,10 +52,16 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from core.modelstore import LoadedModel
+from service.errors import ApiError
+from service.registry import ModelRegistry
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CONFIDENCE_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 UNMATCHED = "<unmatched>"
+# RFC 9110's methods and PATCH; any other method a client invents is counted as OTHER_METHOD.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+OTHER_METHOD = "other"
+PINNED = "pinned"
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,18 @@ def record_prediction(model: LoadedModel, digits: np.ndarray, probs: np.ndarray)
     g.confidences = np.asarray(probs).max(axis=1)
 
 
+def version_label(registry: ModelRegistry | None, model: LoadedModel) -> str:
+    """The `version` label of an answer: the number of a live version (stable or canary), else
+    PINNED. Live versions are at most two per model, so the label set stays bounded."""
+    try:
+        live = registry.get(model.name).live() if registry is not None else None
+    except ApiError:
+        live = None
+    if live is None or model.version in (live.stable.version, live.canary.version if live.canary else None):
+        return str(model.version)
+    return PINNED
+
+
 def exposition(metrics: Metrics) -> bytes:
     """The text format: all workers' values in multiprocess mode, else this process's."""
     path = multiprocess_dir()
@@ -187,8 +210,9 @@ def init_app(app: Flask) -> None:
         rule = request.url_rule
         endpoint = rule.rule if rule is not None else UNMATCHED
         model = g.get("answered_by")
-        name, version = (model.name, str(model.version)) if model is not None else ("", "")
-        metrics.requests.labels(endpoint, request.method, str(response.status_code), name, version).inc()
+        name, version = (model.name, version_label(registry, model)) if model is not None else ("", "")
+        method = request.method if request.method in METHODS else OTHER_METHOD
+        metrics.requests.labels(endpoint, method, str(response.status_code), name, version).inc()
         t0 = g.get("request_t0")  # set by service.app
         if t0 is not None:
             metrics.latency.labels(endpoint, name, version).observe(time.perf_counter() - t0)

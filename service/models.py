@@ -1,15 +1,22 @@
 """Which model version each worker serves, and how it changes without failing a request.
 
 The manager scans `MODELS_DIR/<name>/` (at start, then every
-`MODEL_POLL_SECONDS` from a thread in each worker process), validates every
-new or changed version once (checksum, shapes, finite weights, one
-inference), and only then swaps the single `_current` reference. A request
-reads that reference once and uses the model it got to the end, so a swap
-never fails or mixes a request, and deleting a served version's folder
-changes nothing for requests: its arrays are in memory.
+`MODEL_POLL_SECONDS` from a thread in each worker process). A scan reads the
+`model.json` of each new or changed version (bounded: `core.modelstore.read_json`),
+and validates in full (checksum, shapes, finite weights, one inference)
+only what it is about to serve, plus at most BACKGROUND_CHECKS others; a
+pinned request validates its version when it asks. So a worker boots in
+time proportional to the number of versions times one small file read, not
+times their weights, and each verdict is remembered until the version's
+files change. Only a validated version is swapped into the single `_live`
+reference. A request reads that reference once and uses the model it got to
+the end, so a swap never fails or mixes a request, and deleting a served
+version's folder changes nothing for requests: its arrays are in memory.
 
-Invalid, half-written or tampered versions are recorded with the reason and
-logged once; the last good model keeps serving.
+Invalid, half-written, tampered or unreadable versions (whatever the
+exception) are recorded with the reason and logged once; the other versions,
+the labels and the last good model keep working, and a request pinned to a
+rejected version gets a 404.
 
 Which valid version is live is the promotion policy's call (`core.promotion`,
 PROMOTION), made from the versions' recorded accuracies and the model's
@@ -22,7 +29,6 @@ sees a stable from one decision and a canary from another.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import random
@@ -46,6 +52,9 @@ from service.poller import Poller
 
 log = logging.getLogger(__name__)
 N_CLASSES = 10
+# Versions validated per scan besides the ones served: the rest of a long history is
+# checked in the background, a few each poll, newest first.
+BACKGROUND_CHECKS = 8
 Listener = Callable[..., None]
 
 
@@ -55,9 +64,10 @@ class VersionInfo:
 
     version: int
     signature: tuple
-    valid: bool
+    valid: bool  # not rejected (so far: see `checked`)
     reason: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    checked: bool = False  # validated in full, with these files
 
 
 def _signature(path: Path) -> tuple:
@@ -70,13 +80,12 @@ def _signature(path: Path) -> tuple:
     return (st.st_ino, st.st_mtime_ns, tuple(entries))
 
 
-def _read_metadata(path: Path) -> dict[str, Any]:
-    """model.json for display, even for a rejected version; {} when unreadable."""
-    try:
-        meta = json.loads((path / modelstore.METADATA_FILE).read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
+def _reason(e: Exception) -> str:
+    """Why a version was rejected, for logs and /models: never a path on the host."""
+    if isinstance(e, OSError):
+        return f"{type(e).__name__}: {e.strerror}"
+    text = str(e) if isinstance(e, InvalidModel) else f"{type(e).__name__}: {e}"
+    return text[:300]
 
 
 @dataclass(frozen=True)
@@ -89,9 +98,10 @@ class Live:
     held: tuple[tuple[int, str], ...] = ()
 
 
-def validate(models_dir: Path, name: str, version: int) -> LoadedModel:
-    """Load a version and prove it can serve: the store's checks plus one inference."""
-    model = modelstore.load(models_dir, name, version)
+def validate(models_dir: Path, name: str, version: int, verify: bool = True) -> LoadedModel:
+    """Load a version and prove it can serve: the store's checks plus one inference.
+    `verify=False` skips the checksum of files validated before (modelstore.load)."""
+    model = modelstore.load(models_dir, name, version, verify=verify)
     sizes = model.net.sizes
     if sizes[0] != N_INPUTS or sizes[-1] != N_CLASSES:
         raise InvalidModel(f"network maps {sizes[0]} inputs to {sizes[-1]} outputs, need {N_INPUTS} -> 10")
@@ -174,21 +184,15 @@ class ModelManager:
                 self._cache.move_to_end(version)
                 return model
             info = self._versions.get(version)
-            path = self.models_dir / self.name / str(version)
+            path = self._path(version)
             if info is None or info.signature != _signature(path):
                 if not path.is_dir():
                     raise ApiError(404, "version_not_found", f"model {self.name!r} has no version {version}")
-                info = self._check(version)  # appeared or changed since the last scan
-            if not info.valid:
-                raise ApiError(404, "version_invalid", f"version {version} cannot be served: {info.reason}")
-            model = self._cache.get(version)
+                info = self._inspect(version)  # appeared or changed since the last scan
+            model = self._validated(version) if info.valid else None
             if model is None:
-                try:
-                    model = validate(self.models_dir, self.name, version)
-                except (InvalidModel, ValueError) as e:
-                    message = f"version {version} cannot be served: {e}"
-                    raise ApiError(404, "version_invalid", message) from None
-                self._remember(model)
+                reason = self._versions[version].reason
+                raise ApiError(404, "version_invalid", f"version {version} cannot be served: {reason}")
             return model
 
     def _by_label(self, live: Live | None, label: str) -> LoadedModel:
@@ -212,10 +216,10 @@ class ModelManager:
         if self.pinned is not None:
             info = self._versions.get(self.pinned)
             if info is None:
-                return f"MODEL_VERSION={self.pinned} is not in {self.models_dir / self.name}"
+                return f"MODEL_VERSION={self.pinned} is not in {self._folder}"
             return f"MODEL_VERSION={self.pinned} is invalid: {info.reason}"
         if not self._versions:
-            return f"no model versions in {self.models_dir / self.name}"
+            return f"no model versions in {self._folder}"
         return f"no valid version of {self.name!r}: every one was rejected (see /models)"
 
     def status(self) -> dict[str, Any]:
@@ -272,24 +276,61 @@ class ModelManager:
 
     # --- scanning --------------------------------------------------------------
 
-    def _check(self, version: int) -> VersionInfo:
-        """Validate one version folder (caller holds the lock) and record the verdict."""
-        path = self.models_dir / self.name / str(version)
-        signature = _signature(path)
+    @property
+    def _folder(self) -> str:
+        """The model's folder as answers name it: relative to MODELS_DIR, no path on the host."""
+        return f"MODELS_DIR/{self.name}"
+
+    def _path(self, version: int) -> Path:
+        return self.models_dir / self.name / str(version)
+
+    def _inspect(self, version: int) -> VersionInfo:
+        """Read a new or changed version's model.json (caller holds the lock) and record it:
+        valid so far, or rejected with the reason. Its weights wait for `_validated`."""
+        path = self._path(version)
+        signature = _signature(path)  # read first: a change during the read shows at the next scan
+        self._cache.pop(version, None)
         try:
-            model = validate(self.models_dir, self.name, version)
-        except (InvalidModel, ValueError) as e:
-            info = VersionInfo(version, signature, False, str(e), _read_metadata(path))
-            log.warning("model %s version %d rejected: %s", self.name, version, e)
-            self._cache.pop(version, None)
-            self._versions[version] = info
-            self._emit("rejected", version=version, reason=str(e))
-            return info
-        # Signature read before loading: a change during the load shows up at the next scan.
-        info = VersionInfo(version, signature, True, None, model.metadata)
+            meta = modelstore.read_metadata(path)
+        except Exception as e:  # whatever is wrong with the files, it is this version's fault
+            return self._reject(VersionInfo(version, signature, False), e)
+        info = VersionInfo(version, signature, True, None, meta)
         self._versions[version] = info
-        self._remember(model)
         return info
+
+    def _reject(self, info: VersionInfo, error: Exception) -> VersionInfo:
+        info.valid, info.reason, info.checked = False, _reason(error), True
+        log.warning("model %s version %d rejected: %s", self.name, info.version, info.reason)
+        self._cache.pop(info.version, None)
+        self._versions[info.version] = info
+        self._emit("rejected", version=info.version, reason=info.reason)
+        return info
+
+    def _validated(self, version: int, remember: bool = True) -> LoadedModel | None:
+        """A listed version's model, validated in full the first time (caller holds the lock);
+        None, with the version rejected, if it cannot serve. A version validated before is
+        loaded again without its checksum, its verdict being remembered with its files'
+        signature; `remember=False` (background checks) leaves the cache as it is."""
+        info = self._versions.get(version)
+        if info is None or not info.valid:
+            return None
+        if info.checked:
+            model = self._cache.get(version)
+            live = self._live
+            for m in (live.stable, live.canary) if live else ():
+                if model is None and m is not None and m.version == version:
+                    model = m
+            if model is not None:
+                return model
+        try:
+            model = validate(self.models_dir, self.name, version, verify=not info.checked)
+        except Exception as e:  # any exception: the version is rejected, the others go on
+            self._reject(info, e)
+            return None
+        info.checked = True
+        if remember:
+            self._remember(model)
+        return model
 
     def _remember(self, model: LoadedModel) -> None:
         self._cache[model.version] = model
@@ -304,52 +345,75 @@ class ModelManager:
                 on_disk = modelstore.list_versions(self.models_dir, self.name)
                 self._scan_error = None
             except OSError as e:
-                self._scan_error = f"cannot list {self.models_dir / self.name}: {e.strerror}"
+                self._scan_error = f"cannot list {self._folder}: {e.strerror}"
                 log.warning(self._scan_error)
                 return
+            present = set(on_disk)
             for v in list(self._versions):
-                if v not in on_disk:
+                if v not in present:
                     del self._versions[v]
                     self._cache.pop(v, None)
             for v in on_disk:
                 info = self._versions.get(v)
-                if info is None or info.signature != _signature(self.models_dir / self.name / str(v)):
-                    self._check(v)
+                if info is None or info.signature != _signature(self._path(v)):
+                    self._inspect(v)
             self._last_scan = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             self._read_labels()
+            live = self._choose()
+            if live is not None:
+                self._swap(live)
+            self._check_in_background(BACKGROUND_CHECKS)
+
+    def _choose(self) -> Live | None:
+        """The policy's decision, its versions validated; a version that fails is rejected and
+        the policy asked again, so this ends after at most one round per version. None: keep
+        the last good model (if any)."""
+        for _ in range(len(self._versions) + 1):
             decision = self._decide()
-            current = self._current
             if decision.stable is None:
-                return  # keep the last good model (if any)
-            stable = self._loaded(decision.stable)
+                return None
+            stable = self._validated(decision.stable)
             if stable is None:
-                return
-            canary = self._loaded(decision.canary) if decision.canary is not None else None
-            live = Live(
-                stable, canary, decision.canary_percent if canary else 0.0, tuple(decision.held.items())
-            )
-            old = self._live
-            self._live = live  # the one atomic swap
-            if current is None or current.version != stable.version:
-                log.info("serving model %s version %d", self.name, stable.version)
-                self._emit("loaded", version=stable.version)
-            old_canary = old.canary.version if old and old.canary else None
-            if (canary.version if canary else None) != old_canary:
-                if canary:
-                    log.info(
-                        "model %s canary version %d at %g%%", self.name, canary.version, live.canary_percent
-                    )
-                else:
-                    log.info("model %s has no canary", self.name)
+                continue
+            canary = None
+            if decision.canary is not None:
+                canary = self._validated(decision.canary)
+                if canary is None:
+                    continue
+            percent = decision.canary_percent if canary else 0.0
+            return Live(stable, canary, percent, tuple(decision.held.items()))
+        return None
+
+    def _swap(self, live: Live) -> None:
+        current = self._current
+        old = self._live
+        self._live = live  # the one atomic swap
+        stable, canary = live.stable, live.canary
+        if current is None or current.version != stable.version:
+            log.info("serving model %s version %d", self.name, stable.version)
+            self._emit("loaded", version=stable.version)
+        old_canary = old.canary.version if old and old.canary else None
+        if (canary.version if canary else None) != old_canary:
+            if canary:
+                log.info("model %s canary version %d at %g%%", self.name, canary.version, live.canary_percent)
+            else:
+                log.info("model %s has no canary", self.name)
+
+    def _check_in_background(self, limit: int) -> None:
+        """Validate up to `limit` versions not validated yet, newest first, without caching them."""
+        pending = [v for v, info in sorted(self._versions.items(), reverse=True) if not info.checked]
+        for v in pending[:limit]:
+            self._validated(v, remember=False)
 
     def _read_labels(self) -> None:
         """Re-read labels.json; a broken file is logged once and the last good labels stay."""
         try:
             self._labels = labels_file.read(self.models_dir, self.name)
-        except InvalidLabels as e:
-            if str(e) != self._labels_error:
-                log.warning("model %s: ignoring %s: %s", self.name, labels_file.LABELS_FILE, e)
-            self._labels_error = str(e)
+        except Exception as e:  # InvalidLabels, or any surprise: the labels' fault, not the model's
+            reason = str(e) if isinstance(e, InvalidLabels) else _reason(e)
+            if reason != self._labels_error:
+                log.warning("model %s: ignoring %s: %s", self.name, labels_file.LABELS_FILE, reason)
+            self._labels_error = reason
             return
         self._labels_error = None
 
@@ -358,22 +422,6 @@ class ModelManager:
         if self.pinned is not None:  # MODEL_VERSION stands above labels and policy
             return promotion.Decision(self.pinned if self.pinned in valid else None)
         return promotion.decide(valid, self._labels, self.policy, self.min_accuracy, self.tolerance)
-
-    def _loaded(self, version: int) -> LoadedModel | None:
-        """A valid version's model, from the cache or loaded again (None, logged, if that fails)."""
-        model = self._cache.get(version)
-        live = self._live
-        for m in (live.stable, live.canary) if live else ():
-            if m is not None and m.version == version and model is None:
-                model = m
-        if model is None:
-            try:
-                model = validate(self.models_dir, self.name, version)
-            except (InvalidModel, ValueError) as e:
-                log.warning("model %s version %d failed to reload: %s", self.name, version, e)
-                return None
-            self._remember(model)
-        return model
 
     # --- polling ---------------------------------------------------------------
 

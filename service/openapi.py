@@ -8,9 +8,9 @@ response outside the document).
 
 JSON rather than YAML: it is the format served, and reading it needs no
 parser beyond the standard library in the image. The limits that depend on
-configuration appear in it as `{MAX_BATCH}` and `{MAX_CONTENT_LENGTH}` and are
-filled in from the app's config, so the document describes the server that
-serves it.
+configuration appear in it as `{MAX_BATCH}`, `{MAX_CONTENT_LENGTH}`,
+`{MAX_IMAGE_PIXELS}` and `{MAX_REQUEST_PIXELS}` and are filled in from the
+app's config, so the document describes the server that serves it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from flask import Flask, Response
 
 DOCUMENT = Path(__file__).with_name("openapi.json")
-PLACEHOLDERS = ("MAX_BATCH", "MAX_CONTENT_LENGTH")
+PLACEHOLDERS = ("MAX_BATCH", "MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS", "MAX_REQUEST_PIXELS")
 
 
 def document_body(config: Mapping[str, Any]) -> str:

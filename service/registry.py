@@ -103,8 +103,8 @@ class ModelRegistry:
             try:
                 if e.is_dir() and not e.name.startswith("."):
                     found.append(modelstore.check_name(e.name))
-            except ValueError:
-                continue  # not a model folder
+            except (ValueError, OSError):  # not a model folder, or one that cannot be stat'ed
+                continue
         return found
 
     def scan(self) -> None:

@@ -135,6 +135,8 @@ def tensor_from_json(data: Any, datatype: str, shape: tuple[int, ...]) -> np.nda
     """
     if not isinstance(data, list):
         raise V2Error(400, "input data must be a JSON array")
+    if len(data) not in (shape[0], math.prod(shape)):  # nested by rows, or flat
+        raise V2Error(400, f"input data has {len(data)} items, shape {list(shape)} needs {shape[0]} rows")
     try:
         arr = np.asarray(data)
     except (ValueError, TypeError, OverflowError):
@@ -144,8 +146,7 @@ def tensor_from_json(data: Any, datatype: str, shape: tuple[int, ...]) -> np.nda
         raise V2Error(400, f"{datatype} input data must contain only {kind}")
     if arr.ndim > 1 and arr.shape != shape:
         raise V2Error(400, f"input data has shape {list(arr.shape)}, the tensor's shape is {list(shape)}")
-    if arr.size != math.prod(shape):
-        raise V2Error(400, f"input data has {arr.size} values, shape {list(shape)} needs {math.prod(shape)}")
+    check_count(arr.size, shape)
     if datatype == "UINT8":
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             raise V2Error(400, "UINT8 input values must be in 0..255")
@@ -178,13 +179,17 @@ def to_network_input(arr: np.ndarray, datatype: str) -> np.ndarray:
     return x
 
 
-def network_input(arr: np.ndarray, datatype: str, shape: tuple[int, ...], max_batch: int) -> np.ndarray:
-    """A well-formed input tensor as network rows, once its batch size is within the limit (413 beyond).
-
-    Checked only now, so that a malformed request is a 400 whatever its N."""
+def check_batch(shape: tuple[int, ...], max_batch: int) -> None:
+    """The declared batch size N within MAX_BATCH (413 beyond), checked from the shape before
+    any value is read into an array, whatever the transport."""
     if shape[0] > max_batch:
         raise V2Error(413, f"batch of {shape[0]} exceeds the maximum of {max_batch}")
-    return to_network_input(arr, datatype)
+
+
+def check_count(count: int, shape: tuple[int, ...]) -> None:
+    """As many values as the shape needs (400 otherwise), counted before they become an array."""
+    if count != math.prod(shape):
+        raise V2Error(400, f"input data has {count} values, shape {list(shape)} needs {math.prod(shape)}")
 
 
 def check_output(name: Any, chosen: list[str]) -> str:
@@ -200,8 +205,8 @@ def json_object(body: bytes) -> dict[str, Any]:
     """A request body that must be one JSON object, or the protocol's 400."""
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise V2Error(400, f"malformed JSON request: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep nesting
+        raise V2Error(400, f"malformed JSON request: {type(e).__name__}: {e}") from None
     if not isinstance(doc, dict):
         raise V2Error(400, "the request must be a JSON object")
     return doc
@@ -224,6 +229,7 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch: int) 
     tensor = inputs[0]
     datatype = tensor.get("datatype")
     shape = check_input(tensor.get("name"), datatype, tensor.get("shape"))
+    check_batch(shape, max_batch)
     tensor_params = _parameters(tensor, "input")
     if tensor_params and "binary_data_size" in tensor_params:
         size = tensor_params["binary_data_size"]
@@ -241,7 +247,7 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch: int) 
         raise V2Error(400, "input has neither data nor binary_data_size")
     if raw:
         raise V2Error(400, f"{len(raw)} bytes after the JSON header belong to no input")
-    x = network_input(arr, datatype, shape, max_batch)
+    x = to_network_input(arr, datatype)
 
     default_binary = bool(_flag(params, "binary_data_output", "request"))
     requested = doc.get("outputs")

@@ -84,7 +84,7 @@ def test_bad_or_missing_model_json_is_rejected(tmp_path):
     meta_path = tmp_path / "mnist" / "1" / ms.METADATA_FILE
     good = meta_path.read_text()
     meta_path.write_text("{not json")
-    with pytest.raises(ms.InvalidModel, match="unreadable"):
+    with pytest.raises(ms.InvalidModel, match="not valid JSON"):
         ms.load(tmp_path, "mnist", 1)
     meta_path.write_text(good.replace('"relu"', '"swish"'))
     with pytest.raises(ms.InvalidModel, match="architecture"):
@@ -97,13 +97,54 @@ def test_bad_or_missing_model_json_is_rejected(tmp_path):
         ms.load(tmp_path, "mnist", 1)
 
 
-@pytest.mark.parametrize("bad", ["../1", "0", "01", "-1", "1/..", "", "1.0", "99999999999"])
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda p: p.write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+        (lambda p: p.write_text(p.read_text().replace('"sizes": [', '"sizes": [1e999, ')), "overflows"),
+        (lambda p: p.write_text(p.read_text().replace('"sizes": [', '"sizes": [NaN, ')), "NaN"),
+        (lambda p: p.write_bytes(b" " * (ms.MAX_JSON_BYTES + 1)), "larger than"),
+        (lambda p: (p.unlink(), os.mkfifo(p)), "not a regular file"),
+        (lambda p: (p.unlink(), p.symlink_to(p.name)), "symbolic links"),
+        (lambda p: p.write_text('{"format": "mlp-npz/1", "architecture": {"sizes": 7}}'), "architecture"),
+    ],
+    ids=["nested", "overflow", "nan", "huge", "fifo", "symlink-loop", "not-a-list"],
+)
+def test_pathological_model_json_is_an_invalid_model(tmp_path, damage, reason):
+    """Whatever model.json holds, reading it costs little and ends in InvalidModel with a reason."""
+    ms.publish(tmp_path, "mnist", _net(), {})
+    damage(tmp_path / "mnist" / "1" / ms.METADATA_FILE)
+    with pytest.raises(ms.InvalidModel, match=reason):
+        ms.load(tmp_path, "mnist", 1)
+
+
+def test_weights_that_are_not_a_regular_file_are_an_invalid_model(tmp_path):
+    """A FIFO in place of weights.npz would block the reader for good: it is refused at once."""
+    ms.publish(tmp_path, "mnist", _net(), {})
+    weights = tmp_path / "mnist" / "1" / ms.WEIGHTS_FILE
+    weights.unlink()
+    os.mkfifo(weights)
+    with pytest.raises(ms.InvalidModel, match="not a regular file"):
+        ms.load(tmp_path, "mnist", 1)
+
+
+def test_a_version_folder_that_is_a_symlink_loop_is_listed_not_fatal(tmp_path):
+    """list_versions lists a version it cannot stat (its loader then rejects it) and the others."""
+    ms.publish(tmp_path, "mnist", _net(), {})
+    (tmp_path / "mnist" / "2").symlink_to("2")
+    assert ms.list_versions(tmp_path, "mnist") == [1, 2]
+    with pytest.raises(ms.InvalidModel, match="symbolic links"):
+        ms.load(tmp_path, "mnist", 2)
+    assert ms.load(tmp_path, "mnist", 1).version == 1
+
+
+@pytest.mark.parametrize("bad", ["../1", "0", "01", "-1", "1/..", "", "1.0", "99999999999", "2\n"])
 def test_versions_are_positive_integers_only(bad):
     with pytest.raises(ValueError):
         ms.parse_version(bad)
 
 
-@pytest.mark.parametrize("bad", ["../x", "a/b", "", ".hidden", "x" * 65])
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", ".hidden", "x" * 65, "mnist\n"])
 def test_names_are_safe_path_components(bad):
     with pytest.raises(ValueError):
         ms.check_name(bad)

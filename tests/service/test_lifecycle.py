@@ -211,6 +211,31 @@ def test_metrics_carry_the_version_that_answered(repo, mnist):
         )
 
 
+def test_pinned_versions_share_one_metrics_label(tmp_path, mnist):
+    """Requests pinned to versions that are neither stable nor canary are counted as
+    version="pinned": cycling through the history adds no series."""
+    for seed in range(6):
+        publish(tmp_path, random_net(seed))
+    client = create_app({"MODELS_DIR": str(tmp_path), "MODEL_POLL_SECONDS": 0}).test_client()
+    image = {"image": mnist.test_images[0].tolist()}
+    assert client.post("/predict?version=1", json=image).status_code == 200
+    assert client.post("/predict", json=image).get_json()["model"]["version"] == 6
+    client.get("/metrics")
+    before = client.get("/metrics").get_data(as_text=True)
+    for v in range(2, 6):
+        assert client.post(f"/predict?version={v}", json=image).get_json()["model"]["version"] == v
+    after = client.get("/metrics").get_data(as_text=True)
+
+    def series(text: str) -> set[str]:
+        """Sample names and labels, the digit aside (each random network predicts its own)."""
+        lines = (ln.rsplit(" ", 1)[0] for ln in text.splitlines() if ln and not ln.startswith("#"))
+        return {re.sub(r'digit="\d",', "", ln) for ln in lines}
+
+    assert series(after) == series(before), sorted(series(after) ^ series(before))[:10]
+    assert sample(after, "mnist_prediction_confidence_count", model="mnist", version="pinned") == 5
+    assert sample(after, "mnist_prediction_confidence_count", model="mnist", version="6") == 1
+
+
 def sample(text: str, name: str, **labels_: str) -> float:
     """The sum of the samples of `name` whose labels include `labels_`."""
     total = 0.0

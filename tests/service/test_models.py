@@ -53,7 +53,7 @@ def test_empty_repository_gives_503_then_picks_up_a_version(tmp_path):
     [
         (lambda p: (p / "weights.npz").write_bytes(b"not the weights"), "sha256"),
         (lambda p: (p / "model.json").unlink(), "missing"),
-        (lambda p: (p / "model.json").write_text("{half"), "unreadable"),
+        (lambda p: (p / "model.json").write_text("{half"), "not valid JSON"),
         (lambda p: (p / "weights.npz").unlink(), "weights.npz"),
     ],
     ids=["tampered", "half-written", "bad-json", "no-weights"],
@@ -208,3 +208,30 @@ def test_metadata_of_rejected_version_is_shown_when_readable(models_dir):
     m, _ = manager(models_dir)
     v2 = m.status()["versions"][1]
     assert v2["state"] == "rejected" and v2["accuracy"] == 0.77
+
+
+def test_pinned_requests_cycling_through_many_versions_reuse_their_verdicts(tmp_path, monkeypatch):
+    """More pinned versions than the cache holds: the cache stays at its size, and a version
+    validated once is reloaded without its checksum being computed again."""
+    for seed in range(12):
+        publish(tmp_path, random_net(seed))
+    m, _ = manager(tmp_path, cache_size=3)
+    hashed: list[int] = []
+    real = modelstore.sha256_bytes
+    monkeypatch.setattr(modelstore, "sha256_bytes", lambda data: hashed.append(len(data)) or real(data))
+    for _ in range(3):
+        for v in range(1, 12):
+            assert m.get(v).version == v
+            assert len(m._cache) <= 3
+    assert len(hashed) <= 11 - 8, hashed  # the background checks of the first scan saw 8 of them
+    # A version whose files change is validated again: tampered weights are refused.
+    weights = tmp_path / "mnist" / "5" / modelstore.WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 1
+    time.sleep(0.01)  # a new mtime whatever the file system's resolution
+    weights.write_bytes(bytes(data))
+    m.scan()
+    with pytest.raises(ApiError) as e:
+        m.get(5)
+    assert e.value.status == 404 and "sha256" in e.value.message
+    assert m.get(6).version == 6
