@@ -86,6 +86,12 @@ threads = _int_env("GUNICORN_THREADS", 4, 1)
 # clients reconnect and spread again. A lone worker (one per replica behind nginx, which balances
 # the replicas itself) has no one to share with: it keeps every connection nginx reuses.
 worker_connections = _int_env("GUNICORN_WORKER_CONNECTIONS", threads + 1 if workers > 1 else 1000, 1)
+# nginx refuses oversized requests first, with JSON (large_client_header_buffers 4 4k in
+# deploy/nginx/nginx.conf: 414 for the request line, 431 for headers): gunicorn's own limits sit
+# above nginx's, so its plain-text 400 never reaches a client through nginx.
+limit_request_line = 8190  # gunicorn's maximum; nginx's: a line within 4 KiB
+limit_request_field_size = 8190  # nginx's: a header line within 4 KiB
+limit_request_fields = 4096  # nginx's 16 KiB of headers hold at most 4096 lines ("x:" CRLF)
 timeout = _int_env("GUNICORN_TIMEOUT", 30, 0)
 graceful_timeout = _int_env("GUNICORN_GRACEFUL_TIMEOUT", 20, 0)
 keepalive = _int_env("GUNICORN_KEEPALIVE", 5, 0)

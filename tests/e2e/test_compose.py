@@ -243,6 +243,67 @@ def test_hostile_inputs_get_4xx_and_every_container_stays_healthy(stack: Stack, 
     assert '"status":413' in lines[0] and '"upstream":""' in lines[0], lines[0]
 
 
+def _raw_request(port: int, head: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `head` as is (no client library would send it) and read the whole answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head_bytes.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    ("what", "head", "status"),
+    [
+        ("a 5 KB request line", b"GET /healthz?" + b"a" * 5000 + b" HTTP/1.1\r\n", 414),
+        ("a 5 KB header", b"GET /healthz HTTP/1.1\r\nX-Big: " + b"b" * 5000 + b"\r\n", 431),
+        ("24 KB of headers", b"GET /healthz HTTP/1.1\r\n" + b"X-A: 12345\r\n" * 2000, 431),
+        # Over gunicorn's default of 100 headers, within nginx's limits: served, not gunicorn's 400.
+        ("1000 small headers", b"GET /healthz HTTP/1.1\r\n" + b"X-A: 1\r\n" * 1000, 200),
+        ("a 4000-byte request line", b"GET /healthz?" + b"a" * 3960 + b" HTTP/1.1\r\n", 200),
+    ],
+)
+def test_request_line_and_header_limits_answer_json_at_the_door(stack: Stack, what, head, status) -> None:
+    """nginx's limits sit below gunicorn's (gunicorn.conf.py), so whatever passes nginx passes
+    gunicorn, and every refusal is nginx's JSON, never gunicorn's plain-text 400."""
+    code, headers, body = _raw_request(stack.port, head + b"Host: e2e\r\nConnection: close\r\n\r\n")
+    assert code == status, f"{what}: {code} {body[:200]!r}"
+    assert headers.get("content-type", "").startswith("application/json"), f"{what}: {headers}"
+    doc = json.loads(body)
+    assert ("error" in doc) if status >= 400 else (doc["status"] == "ok"), f"{what}: {doc}"
+
+
+def test_deeply_nested_json_gets_the_v2_400_through_nginx(stack: Stack) -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000
+    for url in (f"{stack.url}/v2/models/mnist/infer", f"{stack.url}/v2/repository/index"):
+        r = requests.post(url, data=nested, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 400, (url, r.status_code, r.text[:200])
+        assert isinstance(r.json()["error"], str), r.text[:200]
+    r = requests.post(
+        f"{stack.url}/predict", data=nested, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"], r.text[:200]
+
+
+def test_the_api_image_carries_no_pip_and_its_containers_no_capabilities(stack: Stack) -> None:
+    for cid in stack.containers("api"):
+        probe = subprocess.run(
+            ["docker", "exec", cid, "python", "-c", "import pip"], capture_output=True, text=True, timeout=60
+        )
+        assert probe.returncode != 0 and "No module named 'pip'" in probe.stderr, probe
+    for cid in stack.containers():
+        config = stack.inspect(cid)["HostConfig"]
+        assert config["CapDrop"] == ["ALL"] and not config["CapAdd"], (config["CapDrop"], config["CapAdd"])
+        assert "no-new-privileges:true" in (config["SecurityOpt"] or []), config["SecurityOpt"]
+        assert config["PidsLimit"] and config["Memory"], (config["PidsLimit"], config["Memory"])
+
+
 def test_trainer_container_publishes_a_version_held_then_promoted(
     stack: Stack, test_set, timer: Timer
 ) -> None:
