@@ -43,9 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from PIL import Image
 
-from bench.serve_load import LUA, free_port, model_dir, sample_digit, wrk
+from bench.serve_load import free_port, model_dir, png_predict_script, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -196,10 +195,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="front-door-bench-"))
     models, model_desc = model_dir(args.models_dir, work)
-    png = work / "digit.png"
-    Image.fromarray(sample_digit(Path(args.data_dir))[0]).save(png)
-    script = work / "predict.lua"
-    script.write_text(LUA.format(method="POST", content_type="image/png", body=png))
+    script = png_predict_script(work, Path(args.data_dir))
 
     project = f"mnist-bench-{os.getpid()}"
     port = args.port or free_port()

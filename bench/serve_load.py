@@ -100,6 +100,17 @@ def model_dir(requested: str | None, workdir: Path, hidden: int | None = None) -
     return workdir / "models", "random-weight [784, 100, 10] (no models/mnist yet)"
 
 
+def png_predict_script(workdir: Path, data_dir: Path) -> Path:
+    """A wrk script that posts one real MNIST digit as a PNG (written into `workdir`)."""
+    from PIL import Image
+
+    png = workdir / "digit.png"
+    Image.fromarray(sample_digit(data_dir)[0]).save(png)
+    script = workdir / "predict.lua"
+    script.write_text(LUA.format(method="POST", content_type="image/png", body=png))
+    return script
+
+
 def wrk(
     url: str, script: Path | None, connections: int, duration: float, prefix: list[str] | None = None
 ) -> dict[str, float]:

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from core.modelstore import fsync_dir
 from core.preprocess import IMAGE_SIDE
 
 SPEC_VERSION = "1.0"
@@ -243,20 +244,12 @@ class FeedbackWriter:
             except OSError as e:
                 raise _classify(e, self.directory) from None
             try:
-                _fsync_dir(self.directory)  # the new name itself must survive a crash
+                fsync_dir(self.directory)  # the new name itself must survive a crash
             except OSError as e:
                 os.close(fd)
                 raise _classify(e, self.directory) from None
             self._fd, self._offset, self.path = fd, 0, path
             return
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def feedback_files(directory: Path | str) -> list[Path]:

@@ -176,7 +176,8 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a new or renamed file in it) survive a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -217,7 +218,7 @@ def publish(
         # model.json last: its presence means the rest was written.
         _write_synced(tmp / METADATA_FILE, json.dumps(meta, indent=2).encode())
         os.chmod(tmp, 0o755)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         while True:
             versions = list_versions(models_dir, name)
             version = (versions[-1] if versions else 0) + 1
@@ -227,7 +228,7 @@ def publish(
                 if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
                     continue
                 raise
-            _fsync_dir(root)
+            fsync_dir(root)
             return version
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
