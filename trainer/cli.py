@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--feedback-repeat",
         type=int,
-        help="copies of each correction per epoch [enough for them to be 10%% of the examples, at most 100]",
+        help="copies of each correction per epoch [enough for them to be 5%% of the examples, at most 100]",
     )
     g = tr.add_argument_group("output")
     g.add_argument("--no-publish", action="store_true", help="train and score, but publish nothing")

@@ -26,7 +26,7 @@ from trainer.sgd import FusedSGD, learning_rate
 MONITOR_SIZE = 10_000  # training images scored after each epoch for the loss / accuracy curve
 # Corrections make up about this share of an epoch's examples (unless --feedback-repeat says):
 # 300 of them against 50-60k MNIST images would otherwise be 0.5% of the gradient, and barely move it.
-FEEDBACK_SHARE = 0.10
+FEEDBACK_SHARE = 0.05
 MAX_FEEDBACK_REPEAT = 100
 
 
