@@ -188,8 +188,8 @@ def test_train_with_feedback_records_it_and_evaluate_and_export_read_it(data_dir
 def test_the_feedback_weighting():
     from trainer.train import MAX_FEEDBACK_REPEAT, feedback_repeat
 
-    # 480 corrections against 60,000 images: 14 copies each, 6720 of 66,720 examples (10%).
-    assert feedback_repeat(Config(), 60_000, 480) == 14
+    # 480 corrections against 60,000 images: 7 copies each, 3360 of 63,360 examples (5%).
+    assert feedback_repeat(Config(), 60_000, 480) == 7
     assert feedback_repeat(Config(), 60_000, 5) == MAX_FEEDBACK_REPEAT  # a handful is not learnt by heart
     assert feedback_repeat(Config(), 60_000, 100_000) == 1
     assert feedback_repeat(Config(), 60_000, 0) == 0
