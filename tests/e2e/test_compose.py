@@ -298,7 +298,9 @@ def test_the_api_image_carries_no_pip_and_its_containers_no_capabilities(stack: 
         ' [ -x $p ] && { $p -c "import pip" 2>/dev/null && echo "$p has pip" || echo "$p: none"; }; done'
     )
     for cid in stack.containers("api"):
-        out = subprocess.run(["docker", "exec", cid, "sh", "-c", probe], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["docker", "exec", cid, "sh", "-c", probe], capture_output=True, text=True, timeout=60
+        )
         lines = out.stdout.split("\n")
         assert "/opt/venv/bin/python: none" in lines and "has pip" not in out.stdout, out
     for cid in stack.containers():
