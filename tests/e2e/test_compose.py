@@ -265,7 +265,7 @@ def _raw_request(port: int, head: bytes) -> tuple[int, dict[str, str], bytes]:
         ("a 5 KB header", b"GET /healthz HTTP/1.1\r\nX-Big: " + b"b" * 5000 + b"\r\n", 431),
         ("24 KB of headers", b"GET /healthz HTTP/1.1\r\n" + b"X-A: 12345\r\n" * 2000, 431),
         # Over gunicorn's default of 100 headers, within nginx's limits: served, not gunicorn's 400.
-        ("1000 small headers", b"GET /healthz HTTP/1.1\r\n" + b"X-A: 1\r\n" * 1000, 200),
+        ("500 small headers", b"GET /healthz HTTP/1.1\r\n" + b"X-A: 1\r\n" * 500, 200),
         ("a 4000-byte request line", b"GET /healthz?" + b"a" * 3960 + b" HTTP/1.1\r\n", 200),
     ],
 )
