@@ -263,6 +263,30 @@ def test_a_killed_replica_costs_no_request(stack: Stack, digit_png: bytes, timer
     assert not clients.failures(), clients.failures()[:5]
 
 
+def test_with_no_replica_every_route_answers_503_json_with_retry_after(
+    stack: Stack, digit_png: bytes
+) -> None:
+    """nginx's own 502 goes through a second pass (@again) and then its 503 page: JSON in the
+    route's shape, never nginx's HTML, and POST /feedback included."""
+    stack.compose("stop", "api", timeout=180)
+    try:
+        time.sleep(2)  # > the resolver's `valid`: nginx has re-asked the DNS
+        png_post = {"data": digit_png, "headers": {"Content-Type": "image/png"}, "timeout": 10}
+        answers = {
+            "/predict": requests.post(f"{stack.url}/predict", **png_post),
+            "/feedback": requests.post(f"{stack.url}/feedback?digit=7", **png_post),
+            "/healthz": requests.get(f"{stack.url}/healthz", timeout=10),
+            "/v2 infer": requests.post(f"{stack.url}/v2/models/mnist/infer", **png_post),
+        }
+        for route, r in answers.items():
+            assert r.status_code == 503 and r.headers.get("Retry-After") == "1", (route, r.text[:200])
+            error = r.json()["error"]
+            assert isinstance(error, str) if route.startswith("/v2") else error["code"], (route, error)
+    finally:
+        stack.compose("start", "api", timeout=180)
+        stack.wait_healthy(replicas=API_REPLICAS)
+
+
 # --- rollout -----------------------------------------------------------------------------------
 
 
