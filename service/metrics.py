@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flask import Flask, Response, g, request
@@ -74,6 +76,17 @@ class Metrics:
     model_version: Gauge
     reloads: Counter
     rejected: Counter
+    # (metric, label values) -> child; bounded like the series themselves (see above).
+    _children: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set: prometheus_client checks the
+        values and takes a lock on every `labels` call, and /predict makes four of them."""
+        try:
+            return self._children[metric, labels]
+        except KeyError:
+            child = self._children[metric, labels] = metric.labels(*labels)
+            return child
 
 
 def multiprocess_dir() -> str | None:
@@ -171,12 +184,11 @@ def exposition(metrics: Metrics) -> bytes:
 def count_predictions(metrics: Metrics, name: str, version: str, digits: object, confidences: object) -> None:
     """One count per predicted image, by digit, and its confidence, under the version that answered:
     REST's after_request and gRPC's ModelInfer both call it."""
-    for digit, n in enumerate(np.bincount(np.asarray(digits, dtype=np.int64), minlength=10)):
-        if n:
-            metrics.predictions.labels(str(digit), name, version).inc(int(n))
-    histogram = metrics.confidence.labels(name, version)
-    for c in np.asarray(confidences, dtype=np.float64).ravel():
-        histogram.observe(float(c))
+    for digit, n in Tally(np.asarray(digits, dtype=np.int64).ravel().tolist()).items():
+        metrics.child(metrics.predictions, str(digit), name, version).inc(n)
+    histogram = metrics.child(metrics.confidence, name, version)
+    for c in np.asarray(confidences, dtype=np.float64).ravel().tolist():
+        histogram.observe(c)
 
 
 def init_app(app: Flask) -> None:
@@ -207,18 +219,20 @@ def init_app(app: Flask) -> None:
 
     @app.after_request
     def _count(response: Response) -> Response:
-        rule = request.url_rule
+        req, ctx = request._get_current_object(), g._get_current_object()  # one proxy lookup each
+        rule = req.url_rule
         endpoint = rule.rule if rule is not None else UNMATCHED
-        model = g.get("answered_by")
+        model = ctx.get("answered_by")
         name, version = (model.name, version_label(registry, model)) if model is not None else ("", "")
-        method = request.method if request.method in METHODS else OTHER_METHOD
-        metrics.requests.labels(endpoint, method, str(response.status_code), name, version).inc()
-        t0 = g.get("request_t0")  # set by service.app
+        method = req.method if req.method in METHODS else OTHER_METHOD
+        status = response.status_code
+        metrics.child(metrics.requests, endpoint, method, str(status), name, version).inc()
+        t0 = ctx.get("request_t0")  # set by service.app
         if t0 is not None:
-            metrics.latency.labels(endpoint, name, version).observe(time.perf_counter() - t0)
-        digits = g.get("predicted_digits")
-        if digits is not None and response.status_code == 200:
-            count_predictions(metrics, name, version, digits, g.get("confidences", ()))
+            metrics.child(metrics.latency, endpoint, name, version).observe(time.perf_counter() - t0)
+        digits = ctx.get("predicted_digits")
+        if digits is not None and status == 200:
+            count_predictions(metrics, name, version, digits, ctx.get("confidences", ()))
         return response
 
     @app.get("/metrics")
