@@ -9,7 +9,11 @@ Brings the compose stack up under a project of its own (`docker compose up
 thread, PNG POST /predict), at 8 and 64 connections:
 
 - `published`: the published port on 127.0.0.1, through Docker's port proxy
-  and nginx: what a user measures;
+  and nginx: what a user on the same machine measures;
+- `published-nat`: the same port at the host's own address on the compose
+  network (its gateway). Docker's port proxy only carries connections to
+  127.0.0.1; these are rewritten by the kernel (iptables DNAT), as the
+  connections of clients on other machines are;
 - `in-network`: nginx's own port from inside nginx's network namespace
   (`nsenter -t PID -n`), so the port proxy is out of the path;
 - `direct`: each replica's port on its compose-network address, one wrk per
@@ -83,6 +87,7 @@ class Container:
     id: str
     pid: int
     address: str  # on the compose network
+    gateway: str  # the host's address on that network
 
 
 def containers(project: str) -> list[Container]:
@@ -96,9 +101,11 @@ def containers(project: str) -> list[Container]:
     ):
         labels = info["Config"]["Labels"]
         service, number = labels["com.docker.compose.service"], labels["com.docker.compose.container-number"]
-        address = next(iter(info["NetworkSettings"]["Networks"].values()))["IPAddress"]
+        network = next(iter(info["NetworkSettings"]["Networks"].values()))
         name = service if service == "nginx" else f"{service}-{number}"
-        found.append(Container(name, info["Id"], info["State"]["Pid"], address))
+        found.append(
+            Container(name, info["Id"], info["State"]["Pid"], network["IPAddress"], network["Gateway"])
+        )
     return sorted(found, key=lambda c: c.name)
 
 
@@ -213,6 +220,9 @@ def main() -> int:
         replicas = [c for c in parts if c.name.startswith("api-")]
         targets = {
             "published": lambda c: wrk(published + "/predict", script, c, args.duration),
+            "published-nat": lambda c: wrk(
+                f"http://{nginx.gateway}:{port}/predict", script, c, args.duration
+            ),
             "in-network": lambda c: wrk_in(
                 nginx.pid, "http://127.0.0.1:8080/predict", script, c, args.duration
             ),
@@ -253,7 +263,7 @@ def summarise(runs: dict, shed: list[dict], args: argparse.Namespace, model_desc
     print(f"\nmodel: {model_desc}; {args.replicas} replicas behind nginx; {os.cpu_count()} CPUs")
     print(f"wrk: 1 thread, {args.duration:g} s x {args.rounds} rounds, PNG POST /predict; medians")
     print("CPU seconds per 1,000 requests, by process:")
-    header = f"{'target':11} {'conns':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7}"
+    header = f"{'target':13} {'conns':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7}"
     print(header + "".join(f" {p[:12]:>12}" for p in parts))
     report: dict = {"runs": {}}
     for (name, conns), rs in [*runs.items(), (("published", 256), shed)]:
@@ -261,14 +271,14 @@ def summarise(runs: dict, shed: list[dict], args: argparse.Namespace, model_desc
         cpu = {p: statistics.median(r["cpu_per_1k"][p] for r in rs) for p in parts}
         bad = sum(r["non2xx"] for r in rs)
         report["runs"][f"{name} c{conns}"] = {**med, "non2xx": bad, "cpu_per_1k": cpu}
-        row = f"{name:11} {conns:5} {med['rps']:7.0f} {med['p50']:7.2f} {med['p99']:7.2f} {bad:7}"
+        row = f"{name:13} {conns:5} {med['rps']:7.0f} {med['p50']:7.2f} {med['p99']:7.2f} {bad:7}"
         print(row + "".join(f" {cpu[p]:12.3f}" for p in parts))
     rates = [r["non2xx"] / max(1.0, r["rps"] * args.duration) for r in shed]
     print(f"shed rate at 256 connections (503 + Retry-After): {statistics.median(rates):.0%}")
     errors = [r["socket_errors"] for rs in [*runs.values(), shed] for r in rs if r["socket_errors"]]
     if errors:
         print(f"!! socket errors: {errors}")
-    for path in ("published", "in-network"):
+    for path in ("published", "published-nat", "in-network"):
         for conns in (8, 64):
             cost = [
                 1 - f["rps"] / d["rps"]
