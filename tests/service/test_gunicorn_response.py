@@ -62,3 +62,22 @@ def test_install_replaces_the_class_gunicorn_builds_per_request(monkeypatch: pyt
     monkeypatch.setattr(wsgi, "Response", wsgi.Response)
     gunicorn_response.install()
     assert wsgi.Response is OneSendResponse
+
+
+def test_gunicorns_request_path_builds_the_installed_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gunicorn's workers call `wsgi.create`, which must build `wsgi.Response` as it finds it at
+    request time: a gunicorn that stops doing so would silently send headers and body apart again,
+    so this fails loudly on such an upgrade (the class was checked against requirements/service.txt's
+    gunicorn)."""
+    from gunicorn.http.parser import RequestParser
+
+    from service import gunicorn_response
+
+    monkeypatch.setattr(wsgi, "Response", wsgi.Response)
+    gunicorn_response.install()
+    cfg = Config()
+    raw = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+    req = next(RequestParser(cfg, iter([raw]), ("127.0.0.1", 5000)))
+    resp, environ = wsgi.create(req, RecordingSocket(), ("127.0.0.1", 5000), ("127.0.0.1", 8000), cfg)
+    assert type(resp) is OneSendResponse
+    assert environ["PATH_INFO"] == "/predict"
