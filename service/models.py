@@ -208,6 +208,15 @@ class ModelManager:
             raise ApiError(409, "no_canary", f"model {self.name!r} has no canary set (make canary VERSION=N)")
         return live.canary
 
+    def servable_versions(self) -> list[int]:
+        """Every version a client may pin: the ones not rejected, and the stable one (which may
+        have left the disk but is still served from memory)."""
+        live = self._live
+        valid = {v for v, info in list(self._versions.items()) if info.valid}
+        if live is not None:
+            valid.add(live.stable.version)
+        return sorted(valid)
+
     def unready_reason(self) -> str:
         if self._current is not None:
             return ""
