@@ -54,6 +54,7 @@ def no_forward() -> Response:
     cache = current_app.extensions["ablation"]
     if cache.get("model") is not model:  # once per model, not per request
         cache["model"], cache["result"] = model, classify(model, cache["digit"])
+    current_app.extensions["dataplane"].count(model, *cache["result"])
     return api.predictions_response(model, *cache["result"], batch=False)
 
 
@@ -61,6 +62,7 @@ def no_forward() -> Response:
 def no_decode() -> Response:
     model = current_app.extensions["models"].get(None)
     digits, probs = classify(model, current_app.extensions["ablation"]["digit"])
+    current_app.extensions["dataplane"].count(model, digits, probs)
     return api.predictions_response(model, digits, probs, batch=False)
 
 

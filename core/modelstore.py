@@ -273,7 +273,7 @@ def load(models_dir: Path | str, name: str, version: int | str, verify: bool = T
     """Load and verify one version: checksum, architecture, array shapes, finiteness.
 
     `verify=False` skips the checksum, for a version whose files were verified
-    before and have not changed since (service.models remembers that)."""
+    before and have not changed since (service.versions remembers that)."""
     version = parse_version(version)
     path = Path(models_dir) / check_name(name) / str(version)
     meta = read_metadata(path)

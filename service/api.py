@@ -5,8 +5,9 @@
 share (docs/lifecycle.md). The answer's `model.version` says which did.
 
 This module only translates HTTP to arrays and back; decoding and
-normalisation live in `service.imaging`, the maths in `service.inference`,
-model choice in `service.models`.
+normalisation live in `service.imaging`; model choice, the forward pass and the
+prediction metrics in the data plane (`service.dataplane`), which V2 REST and
+gRPC share.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Config, Request, Response, current_app, request
+from flask import Blueprint, Config, Request, Response, current_app, g, request
 
 from core.modelstore import LoadedModel, parse_version
 from core.preprocess import IMAGE_SIDE, N_INPUTS
-from service import feedback, imaging, metrics
+from service import feedback, imaging
+from service.dataplane import DataPlane
 from service.errors import ApiError, error_response, json_response
-from service.inference import classify, explain_images, explanation, model_ref, prediction
-from service.models import ModelManager
-from service.registry import ModelRegistry
+from service.inference import explanation, model_ref, prediction
 
 bp = Blueprint("api", __name__)
 
@@ -34,12 +34,8 @@ IMAGE_TYPES = ("application/octet-stream",)
 JSON_TYPES = ("application/json",)
 
 
-def _manager() -> ModelManager:
-    return current_app.extensions["models"]
-
-
-def _registry() -> ModelRegistry:
-    return current_app.extensions["registry"]
+def _plane() -> DataPlane:
+    return current_app.extensions["dataplane"]
 
 
 @bp.get("/healthz")
@@ -49,19 +45,18 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    manager = _manager()
-    model = manager.current()
+    model, reason = _plane().readiness()
     if model is None:
-        return error_response(503, "not_ready", manager.unready_reason())
+        return error_response(503, "not_ready", reason)
     return json_response({"status": "ready", "model": model_ref(model)})
 
 
 @bp.get("/models")
 def models() -> Response:
     # MODEL_NAME's status at the top level (as before), every model's under "models".
-    registry = _registry()
-    statuses = [feedback.live_figures(m.status()) for m in registry.managers()]
-    default = next(s for s in statuses if s["name"] == registry.default.name)
+    plane = _plane()
+    statuses = [feedback.live_figures(s) for s in plane.statuses()]
+    default = next(s for s in statuses if s["name"] == plane.default_name)
     return json_response({**default, "models": statuses})
 
 
@@ -79,22 +74,23 @@ def _explain_when_asked(view: Callable[[], Response]) -> Callable[[], Response]:
 @bp.post("/predict")
 @_explain_when_asked
 def predict() -> Response:
-    model = _requested_model(request)
-    images, batch = _read_images(request, current_app.config, _preprocess_arg(request))
-    digits, probs = classify(model, images)
+    plane = _plane()
+    model = _requested_model(plane, request)
+    images, batch = _read_images(request, current_app.config, preprocess_arg(request))
+    digits, probs = plane.predict(model, images)
     return predictions_response(model, digits, probs, batch)
 
 
-def _requested_model(req: Request) -> LoadedModel:
+def _requested_model(plane: DataPlane, req: Request) -> LoadedModel:
     """The version a prediction answers with: `?model`, then `?version` or `?label`, else the
     model's policy (stable, or the canary for its share of requests)."""
-    return _registry().get(req.args.get("model")).get(_version_arg(req), _label_arg(req))
+    return plane.model(req.args.get("model"), _version_arg(req), _label_arg(req))
 
 
 def predictions_response(model: LoadedModel, digits: np.ndarray, probs: np.ndarray, batch: bool) -> Response:
-    """/predict's answer; the answer also goes to the metrics (`metrics.record_prediction`)."""
+    """/predict's answer (the data plane has counted the prediction)."""
     chosen = digits.tolist()
-    metrics.record_prediction(model, digits, probs)
+    _answered(model, chosen)
     if batch:
         predictions = [prediction(d, p) for d, p in zip(chosen, probs, strict=True)]
         return json_response({"predictions": predictions, "model": model_ref(model)})
@@ -108,12 +104,20 @@ def explain() -> Response:
     Same body, arguments and errors as /predict, through the same parsing; one
     image only, since each answer carries two 28×28 maps.
     """
-    model = _requested_model(request)
-    images, _ = _read_images(request, current_app.config, _preprocess_arg(request), single=True)
-    digits, probs, x, saliency = explain_images(model, images)
-    metrics.record_prediction(model, digits, probs)  # an explained prediction counts as a prediction
-    body = explanation(int(digits[0]), probs[0], x[0], saliency[0])
+    plane = _plane()
+    model = _requested_model(plane, request)
+    images, _ = _read_images(request, current_app.config, preprocess_arg(request), single=True)
+    digits, probs, x, saliency = plane.explain(model, images)
+    digit = int(digits[0])
+    _answered(model, [digit])
+    body = explanation(digit, probs[0], x[0], saliency[0])
     return json_response({**body, "model": model_ref(model)})
+
+
+def _answered(model: LoadedModel, digits: list[int]) -> None:
+    """What the request answered, for after_request hooks: the request's metrics name the version."""
+    g.answered_by = model
+    g.predicted_digits = digits
 
 
 def _explain_arg(req: Request) -> bool:
@@ -142,7 +146,8 @@ def _label_arg(req: Request) -> str | None:
     return label
 
 
-def _preprocess_arg(req: Request) -> bool:
+def preprocess_arg(req: Request) -> bool:
+    """`?preprocess`: auto (centre and scale as MNIST) or none (the image is already 28×28)."""
     mode = req.args.get("preprocess", "auto")
     if mode not in ("auto", "none"):
         raise ApiError(400, "invalid_preprocess", f"preprocess must be 'auto' or 'none', got {mode!r}")

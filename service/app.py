@@ -49,6 +49,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from core.modelstore import check_name, parse_version
 from core.promotion import POLICIES
 from service import api, errors, feedback, logs, metrics, openapi, page, v2
+from service.dataplane import DataPlane
 from service.registry import ModelRegistry
 
 DEFAULTS: dict[str, Any] = {
@@ -177,6 +178,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     logs.init_app(app)  # request ids and the access line
     metrics.init_app(app)  # reads the model manager to initialise the gauges
+    # What every protocol's routes call: model lookup, inference, prediction metrics.
+    app.extensions["dataplane"] = DataPlane(registry, app.extensions["metrics"], app.config["MAX_BATCH"])
     openapi.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(v2.bp)

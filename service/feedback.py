@@ -61,7 +61,7 @@ def feedback() -> Response:
     writer: store.FeedbackWriter | None = current_app.extensions.get("feedback")
     if writer is None:
         raise ApiError(404, "feedback_off", "this server does not store feedback: FEEDBACK_DIR is not set")
-    preprocess = api._preprocess_arg(request)
+    preprocess = api.preprocess_arg(request)
     upload = api.read_upload(request, current_app.config, preprocess, single=True)  # a batch: 400
     fields = _fields(request.args, upload.fields)
     digit = _digit(fields.get("digit"), "digit")
@@ -161,7 +161,7 @@ def _answering_model(name: Any, version: Any) -> LoadedModel:
             number = parse_version(version)
         except ValueError:
             raise bad from None
-    manager = api._registry().get(name)
+    manager = current_app.extensions["dataplane"].manager(name)
     return manager.get(number) if number is not None else manager.get(None, "stable")
 
 

@@ -6,10 +6,10 @@ ModelMetadata and ModelInfer. One input, `input` (FP32 in [0, 1] or UINT8 in
 0..255, [N, 784] or [N, 28, 28]) as `raw_input_contents` or typed `contents`
 (`fp32_contents`, `uint_contents`); two outputs, `probabilities` (FP32
 [N, 10]) and `digit` (INT64 [N]), always as `raw_output_contents`, as Triton
-answers. Everything below the protocol is REST's: v2.py's checks, its model
-lookup (`v2._model`, run in the Flask app's context), the forward pass
-(`v2.infer`), the worker's model manager (so hot reloads and version switches
-apply alike) and the same Prometheus series.
+answers. Everything below the protocol is REST's: the codec's checks
+(service/v2_codec.py) and the data plane (service/dataplane.py: model lookup,
+forward pass, the worker's model manager, so hot reloads and version switches
+apply alike, and the same Prometheus series).
 
 Where it runs: each gunicorn worker starts one server in `post_worker_init`
 (gunicorn.conf.py) on GRPC_PORT with SO_REUSEPORT, so the kernel spreads
@@ -51,9 +51,10 @@ from flask import Flask
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service import v2
+from service import v2_codec as codec
+from service.dataplane import DataPlane
 from service.errors import ApiError
-from service.metrics import Metrics, count_predictions, version_label
+from service.metrics import Metrics
 from service.proto import open_inference_grpc_pb2 as pb2
 from service.proto import open_inference_grpc_pb2_grpc as pb2_grpc
 
@@ -99,52 +100,52 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 def status_code(http_status: int) -> grpc.StatusCode:
-    """The gRPC status for an error's HTTP status (v2.V2Error, the model manager's ApiError)."""
+    """The gRPC status for an error's HTTP status (codec.V2Error, the model manager's ApiError)."""
     if http_status in STATUS_CODES:
         return STATUS_CODES[http_status]
     return grpc.StatusCode.INTERNAL if http_status >= 500 else grpc.StatusCode.INVALID_ARGUMENT
 
 
-# --- ModelInfer's request, through v2.py's checks ----------------------------
+# --- ModelInfer's request, through the codec's checks -------------------------
 
 
 def parse_infer_request(request: pb2.ModelInferRequest, max_batch: int) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Network input rows (N, 784) and the output names asked for, or a v2.V2Error."""
+    """Network input rows (N, 784) and the output names asked for, or a codec.V2Error."""
     if len(request.inputs) != 1:
-        raise v2.V2Error(400, f"the model takes 1 input ({v2.INPUT_NAME!r}), got {len(request.inputs)}")
+        raise codec.V2Error(400, f"the model takes 1 input ({codec.INPUT_NAME!r}), got {len(request.inputs)}")
     tensor = request.inputs[0]
-    shape = v2.check_input(tensor.name, tensor.datatype, list(tensor.shape))
-    v2.check_batch(shape, max_batch)
+    shape = codec.check_input(tensor.name, tensor.datatype, list(tensor.shape))
+    codec.check_batch(shape, max_batch)
     raw = request.raw_input_contents
     typed = [f.name for f, _ in tensor.contents.ListFields()]
     if raw:
         if len(raw) != len(request.inputs):
-            raise v2.V2Error(
+            raise codec.V2Error(
                 400, f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} input"
             )
         if typed:
-            raise v2.V2Error(400, "an input has either raw_input_contents or contents, not both")
-        arr = v2.tensor_from_bytes(raw[0], tensor.datatype, shape)
+            raise codec.V2Error(400, "an input has either raw_input_contents or contents, not both")
+        arr = codec.tensor_from_bytes(raw[0], tensor.datatype, shape)
     else:
         field = CONTENTS_FIELD[tensor.datatype]
         if any(name != field for name in typed):
-            raise v2.V2Error(400, f"{tensor.datatype} input contents must be in {field}, got {typed}")
+            raise codec.V2Error(400, f"{tensor.datatype} input contents must be in {field}, got {typed}")
         values = getattr(tensor.contents, field)
-        v2.check_count(len(values), shape)  # before the values become a list
+        codec.check_count(len(values), shape)  # before the values become a list
         # The JSON path's checks (numbers only, UINT8 range) apply to the typed values as is.
-        arr = v2.tensor_from_json(list(values), tensor.datatype, shape)
-    x = v2.to_network_input(arr, tensor.datatype)
+        arr = codec.tensor_from_json(list(values), tensor.datatype, shape)
+    x = codec.to_network_input(arr, tensor.datatype)
     chosen: list[str] = []
     for out in request.outputs:
-        chosen.append(v2.check_output(out.name, chosen))
-    return x, tuple(chosen) or tuple(v2.OUTPUT_DTYPES)
+        chosen.append(codec.check_output(out.name, chosen))
+    return x, tuple(chosen) or tuple(codec.OUTPUT_DTYPES)
 
 
 def infer_response(model: Any, request_id: str, results: dict[str, np.ndarray], names: tuple[str, ...]):
     """The outputs as raw little-endian bytes, in the order asked for."""
     response = pb2.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request_id)
     for name in names:
-        datatype, dtype = v2.OUTPUT_DTYPES[name]
+        datatype, dtype = codec.OUTPUT_DTYPES[name]
         arr = results[name]
         response.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
         response.raw_output_contents.append(np.ascontiguousarray(arr, dtype=dtype).tobytes())
@@ -155,7 +156,7 @@ def infer_response(model: Any, request_id: str, results: dict[str, np.ndarray], 
 
 
 def _rpc(method: Callable) -> Callable:
-    """Status codes, metrics and the app context around one RPC.
+    """Status codes and request metrics around one RPC.
 
     `context.abort` is called outside the try block: it raises to end the call."""
 
@@ -165,11 +166,10 @@ def _rpc(method: Callable) -> Callable:
         status, message = 200, ""
         try:
             if isinstance(request, _Undecodable):
-                raise v2.V2Error(
+                raise codec.V2Error(
                     400, f"the request is not a valid {method.__name__} message: {request.error}"
                 )
-            with self.app.app_context():
-                return method(self, request, context)
+            return method(self, request, context)
         except ApiError as e:
             status, message = e.status, e.message
         except Exception:
@@ -183,11 +183,10 @@ def _rpc(method: Callable) -> Callable:
 
 
 class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
-    """GRPCInferenceService over one Flask app's model manager, config and metrics."""
+    """GRPCInferenceService over one Flask app's data plane; its request metrics too."""
 
     def __init__(self, app: Flask) -> None:
-        self.app = app
-        self.models = app.extensions["models"]
+        self.plane: DataPlane = app.extensions["dataplane"]
         self.metrics: Metrics | None = app.extensions.get("metrics")
 
     def observe(self, method: str, status: int, seconds: float) -> None:
@@ -204,29 +203,23 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     def ServerReady(self, request, context):
-        return pb2.ServerReadyResponse(ready=self.models.current() is not None)
+        return pb2.ServerReadyResponse(ready=self.plane.ready())
 
     @_rpc
     def ModelReady(self, request, context):
         # As REST: an unknown model or version is NOT_FOUND, a known one without a loaded version "not ready".
-        try:
-            v2._model(request.name, request.version or None)
-        except ApiError as e:
-            if e.status != 503:
-                raise
-            return pb2.ModelReadyResponse(ready=False)
-        return pb2.ModelReadyResponse(ready=True)
+        return pb2.ModelReadyResponse(ready=self.plane.v2_model_ready(request.name, request.version))
 
     @_rpc
     def ServerMetadata(self, request, context):
         return pb2.ServerMetadataResponse(
-            name=v2.SERVER_NAME, version=v2.SERVER_VERSION, extensions=list(v2.EXTENSIONS)
+            name=codec.SERVER_NAME, version=codec.SERVER_VERSION, extensions=list(codec.EXTENSIONS)
         )
 
     @_rpc
     def ModelMetadata(self, request, context):
-        model = v2._model(request.name, request.version or None)
-        meta = v2.model_metadata(model.name, v2._versions(model))
+        model = self.plane.v2_model(request.name, request.version)
+        meta = codec.model_metadata(model.name, self.plane.versions(model))
         response = pb2.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"]
         )
@@ -237,19 +230,10 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     def ModelInfer(self, request, context):
-        model = v2._model(request.model_name, request.model_version or None)
-        x, names = parse_infer_request(request, self.app.config["MAX_BATCH"])
-        results = v2.infer(model, x)
-        response = infer_response(model, request.id, results, names)
-        if self.metrics is not None:
-            count_predictions(
-                self.metrics,
-                model.name,
-                version_label(self.app.extensions.get("registry"), model),
-                results["digit"],
-                results["probabilities"].max(axis=1),
-            )
-        return response
+        model = self.plane.v2_model(request.model_name, request.model_version)
+        x, names = parse_infer_request(request, self.plane.max_batch)
+        results = self.plane.infer(model, x)
+        return infer_response(model, request.id, results, names)
 
 
 def generic_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:

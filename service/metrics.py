@@ -152,13 +152,6 @@ def create_metrics() -> Metrics:
     )
 
 
-def record_prediction(model: LoadedModel, digits: np.ndarray, probs: np.ndarray) -> None:
-    """What a prediction route answered, for the request's metrics (counted once it succeeds)."""
-    g.answered_by = model
-    g.predicted_digits = np.asarray(digits).tolist()
-    g.confidences = np.asarray(probs).max(axis=1)
-
-
 def version_label(registry: ModelRegistry | None, model: LoadedModel) -> str:
     """The `version` label of an answer: the number of a live version (stable or canary), else
     PINNED. Live versions are at most two per model, so the label set stays bounded."""
@@ -183,7 +176,7 @@ def exposition(metrics: Metrics) -> bytes:
 
 def count_predictions(metrics: Metrics, name: str, version: str, digits: object, confidences: object) -> None:
     """One count per predicted image, by digit, and its confidence, under the version that answered:
-    REST's after_request and gRPC's ModelInfer both call it."""
+    the data plane (service/dataplane.py) calls it for every protocol."""
     for digit, n in Tally(np.asarray(digits, dtype=np.int64).ravel().tolist()).items():
         metrics.child(metrics.predictions, str(digit), name, version).inc(n)
     histogram = metrics.child(metrics.confidence, name, version)
@@ -230,9 +223,6 @@ def init_app(app: Flask) -> None:
         t0 = ctx.get("request_t0")  # set by service.app
         if t0 is not None:
             metrics.child(metrics.latency, endpoint, name, version).observe(time.perf_counter() - t0)
-        digits = ctx.get("predicted_digits")
-        if digits is not None and status == 200:
-            count_predictions(metrics, name, version, digits, ctx.get("confidences", ()))
         return response
 
     @app.get("/metrics")

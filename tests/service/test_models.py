@@ -13,6 +13,7 @@ import pytest
 from core import modelstore, network
 from service.errors import ApiError
 from service.models import ModelManager
+from service.registry import ModelRegistry
 from tests.helpers import publish, random_net
 
 
@@ -22,6 +23,13 @@ def manager(models_dir: Path, **kw) -> tuple[ModelManager, list]:
     m.add_listener(lambda event, **info: events.append((event, info)))
     m.scan()
     return m, events
+
+
+def polled(models_dir: Path, poll_seconds: float) -> tuple[ModelRegistry, ModelManager]:
+    """A registry (whose poller production starts) and its one model's manager, scanned once."""
+    registry = ModelRegistry(models_dir, "mnist", poll_seconds=poll_seconds)
+    registry.scan()
+    return registry, registry.default
 
 
 def corrupt_copy(models_dir: Path, src: int, dst: int) -> Path:
@@ -163,9 +171,9 @@ def test_listener_errors_do_not_break_loading(models_dir):
 
 
 def test_poller_thread_picks_up_new_versions(models_dir):
-    m, _ = manager(models_dir, poll_seconds=0.1)
-    m.ensure_polling()
-    m.ensure_polling()  # idempotent within a process
+    registry, m = polled(models_dir, poll_seconds=0.1)
+    registry.ensure_polling()
+    registry.ensure_polling()  # idempotent within a process
     try:
         publish(models_dir, random_net(2))
         deadline = time.monotonic() + 10
@@ -173,19 +181,19 @@ def test_poller_thread_picks_up_new_versions(models_dir):
             time.sleep(0.05)
         assert m.current().version == 2
     finally:
-        m.stop()
+        registry.stop()
 
 
 def test_polling_starts_with_a_scan_so_a_fresh_worker_is_never_stale(models_dir):
     """A worker booted before a new version appeared serves it from its first request on."""
-    m, _ = manager(models_dir, poll_seconds=60)
+    registry, m = polled(models_dir, poll_seconds=60)
     publish(models_dir, random_net(2))
     assert m.current().version == 1
     try:
-        m.ensure_polling()  # what post_worker_init and the first request call
+        registry.ensure_polling()  # what post_worker_init and the first request call
         assert m.current().version == 2
     finally:
-        m.stop()
+        registry.stop()
 
 
 def test_unreadable_repository_keeps_last_good(models_dir, monkeypatch):
@@ -222,7 +230,7 @@ def test_pinned_requests_cycling_through_many_versions_reuse_their_verdicts(tmp_
     for _ in range(3):
         for v in range(1, 12):
             assert m.get(v).version == v
-            assert len(m._cache) <= 3
+            assert len(m.versions.cache) <= 3
     assert len(hashed) <= 11 - 8, hashed  # the background checks of the first scan saw 8 of them
     # A version whose files change is validated again: tampered weights are refused.
     weights = tmp_path / "mnist" / "5" / modelstore.WEIGHTS_FILE

@@ -9,8 +9,8 @@ import pytest
 
 from core.network import probabilities
 from core.preprocess import to_vectors
-from service import v2
-from service.v2 import V2Error, parse_infer_request
+from service import v2_codec as v2
+from service.v2_codec import V2Error, parse_infer_request
 from tests.helpers import png_bytes
 
 
@@ -179,7 +179,7 @@ def test_encode_binary_outputs_round_trip(app, mnist):
     model = app.extensions["models"].current()
     x = to_vectors(mnist.test_images[:5])
     req = v2.InferRequest("r1", {"p": 1}, x, (("probabilities", True), ("digit", False)))
-    results = v2.infer(model, x)
+    results = app.extensions["dataplane"].infer(model, x)
     body, header_length = v2.encode_response(model, req, results, "r1")
     header = json.loads(body[:header_length])
     assert header["id"] == "r1" and header["parameters"] == {"p": 1}
