@@ -13,6 +13,12 @@ unlike req/s, hardly depends on what else the machine is doing.
 
 Default variants: the service as shipped, and without the app's access line
 (ACCESS_LOG=0). Add others with --variant, e.g. `--variant sync=GUNICORN_WORKER_CLASS=sync`.
+Two names are not passed to gunicorn: `ROOT=DIR` serves another checkout of the
+project (`git worktree add /tmp/before HEAD~3`: before and after a change, in
+one run), and `APP=module:app` serves another WSGI app under the same
+gunicorn.conf.py, e.g. the peers' bare Flask app:
+`--variant flask=APP=flask_app:app,PYTHONPATH=../shared/peers` (it has no
+/readyz, so readiness is its first 200 or 404 on /).
 """
 
 from __future__ import annotations
@@ -60,20 +66,25 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 def start(models: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    env = dict(env)
+    root, app = Path(env.pop("ROOT", ROOT)).resolve(), env.pop("APP", "service.wsgi:app")
+    if "PYTHONPATH" in env:
+        env["PYTHONPATH"] = str(Path(env["PYTHONPATH"]).resolve())
     full = {
         **os.environ,
         "PORT": str(port), "GRPC_PORT": "0", "WEB_CONCURRENCY": "1", "MODELS_DIR": str(models),
         "MODEL_POLL_SECONDS": "0", **env,
     }  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "service.wsgi:app"],
-        cwd=ROOT, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app],
+        cwd=root, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+    ready, ok = ("/readyz", (200,)) if app == "service.wsgi:app" else ("/", (200, 404))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if requests.get(url + "/readyz", timeout=1).status_code == 200:
+            if requests.get(url + ready, timeout=1).status_code in ok:
                 return proc, url
         except requests.RequestException:
             time.sleep(0.2)
