@@ -262,3 +262,29 @@ def test_readme_table_agrees_with_the_class_and_links_the_full_one() -> None:
             assert shown == expected if expected else not shown.startswith("`"), (name, shown)
         else:
             assert shown == DEPLOY_VARIABLES[name], (name, shown)
+
+
+UNITS = {"": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def test_other_docs_tables_state_the_class_s_defaults() -> None:
+    """A topic's page may repeat a setting's default in its own table (docs/feedback.md,
+    docs/api.md's limits): the value stated there is the class's."""
+    checked = 0
+    for path in sorted((ROOT / "docs").glob("*.md")):
+        if path.name == "settings.md":
+            continue
+        for line in path.read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            name = re.fullmatch(r"`([A-Z][A-Z0-9_]*)`", cells[0]) if line.startswith("|") else None
+            if not name or name.group(1) not in FIELDS or len(cells) < 2:
+                continue
+            expected, stated = DEFAULTS[name.group(1)], cells[1]
+            number = re.match(r"([\d,]+)\s*(KiB|MiB|GiB)?\b", stated)
+            if number:
+                value = int(number.group(1).replace(",", "")) * UNITS[number.group(2) or ""]
+                assert str(value) == expected, f"{path.name}: {line}"
+            else:
+                assert stated == "unset" and expected == "", f"{path.name}: {line}"
+            checked += 1
+    assert checked >= 8  # docs/api.md's limits and docs/feedback.md's settings at least
