@@ -24,7 +24,7 @@ from pathlib import Path
 from core import labels, modelstore, promotion
 from core.labels import InvalidLabels, Labels
 from core.modelstore import InvalidModel
-from core.settings import Settings
+from core.settings import Settings, SettingsError
 
 
 class UsageError(Exception):
@@ -158,7 +158,7 @@ def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()  # MIN_ACCURACY=98 stops here, as it stops the service
-    except ValueError as e:
+    except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args = build_parser(settings).parse_args(argv)

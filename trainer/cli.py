@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from core.network import COSTS, HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
-from core.settings import Settings
+from core.settings import Settings, SettingsError
 from trainer.presets import DEFAULT_PRESET, DTYPES, INITS, OPTIMIZERS, PRESETS, SCHEDULES, Config, make_config
 
 ENV_HELP = (
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         settings = Settings.from_env()
-    except ValueError as e:
+    except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     parser = build_parser(settings)
