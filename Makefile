@@ -9,7 +9,9 @@ MODELS_DIR ?= models
 MODEL_NAME ?= mnist
 PERCENT ?= 10
 PRESET ?= best
+# gunicorn's port for `make serve`; HOST_PORT is nginx's published port (make up, swarm-up).
 PORT ?= 8000
+HOST_PORT ?= 8000
 # Extra trainer flags, e.g. make train PRESET=seed EPOCHS=5 TRAIN_ARGS="--lr 1.0"
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
@@ -22,7 +24,7 @@ TRAIN_FLAGS := --preset $(PRESET) \
 
 .PHONY: help venv data train evaluate export-feedback serve test e2e browser lint format bench \
 	bench-train bench-serve bench-front-door bench-grpc bench-feedback proto up rollout swarm-up swarm-down down logs \
-	train-docker clean promote canary rollback
+	train-docker clean promote canary rollback settings-doc
 
 help: ## list targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -90,6 +92,9 @@ browser: venv ## the draw-a-digit page in headless Chromium
 proto: venv ## regenerate the gRPC stubs in service/proto from its .proto (grpcio-tools)
 	$(PY) -m service.proto.generate
 
+settings-doc: venv ## rewrite the settings table of docs/settings.md from core/settings.py
+	$(PY) -m core.settings --write docs/settings.md
+
 lint: venv ## ruff lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -115,7 +120,9 @@ bench-feedback: venv ## what one POST /feedback write costs with its fsync, and 
 
 bench: bench-train bench-serve bench-front-door bench-grpc bench-feedback ## all benchmarks
 
-up: ## build and start nginx + the api replicas on PORT; when running, a rollout (no failed request)
+# HOST_PORT, like every compose variable, reaches compose from the command line (make up HOST_PORT=9000),
+# the shell or .env; the Makefile's default is not passed, so .env keeps its say.
+up: ## build and start nginx + the api replicas on HOST_PORT; when running, a rollout (no failed request)
 	@if [ -n "$$(docker compose ps -q api 2>/dev/null)" ]; then $(MAKE) --no-print-directory rollout; \
 	else docker compose up -d --build --wait; fi
 
@@ -128,12 +135,12 @@ STACK ?= mnist
 API_IMAGE ?= mnist-api
 # Configs are immutable: a changed nginx.conf gets a new config name, so a redeploy picks it up.
 NGINX_CONF_DIGEST = $(shell sha256sum deploy/nginx/nginx.conf | cut -c1-12)
-SWARM_ENV = STACK=$(STACK) PORT=$(PORT) MODELS_HOST_DIR=$(abspath $(MODELS_DIR)) \
+SWARM_ENV = STACK=$(STACK) HOST_PORT=$(HOST_PORT) HOST_MODELS_DIR=$(abspath $(MODELS_DIR)) \
 	NGINX_CONF_DIGEST=$(NGINX_CONF_DIGEST)
 
 # The image is deployed under a tag made of its id: a rebuilt image is a changed spec, so the
 # redeploy is a rolling update; an unchanged one is no update at all.
-swarm-up: ## build the api image, deploy (or update, rolling) the swarm stack STACK on PORT (API_REPLICAS=)
+swarm-up: ## build the api image, deploy (or update, rolling) the swarm stack STACK on HOST_PORT (API_REPLICAS=)
 	docker build -f service/Dockerfile -t $(API_IMAGE):latest .
 	tag=$(API_IMAGE):$$(docker image inspect -f '{{.Id}}' $(API_IMAGE):latest | cut -d: -f2 | cut -c1-12) && \
 	docker tag $(API_IMAGE):latest $$tag && \
@@ -152,7 +159,7 @@ logs: ## follow nginx's and the api replicas' logs
 train-docker: ## train in the trainer container; the running api serves the new version live (PRESET=, EPOCHS=, ...)
 	@if [ -d "$(MNIST_FILES)" ]; then $(MAKE) --no-print-directory data; fi
 	mkdir -p $(DATA_DIR)
-	HOST_UID=$$(id -u) HOST_GID=$$(id -g) DATA_DIR=$(abspath $(DATA_DIR)) \
+	HOST_UID=$$(id -u) HOST_GID=$$(id -g) HOST_DATA_DIR=$(abspath $(DATA_DIR)) \
 	docker compose --profile train run --rm trainer train $(TRAIN_FLAGS)
 
 clean: ## remove caches (keeps the venv, data and models)

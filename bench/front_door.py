@@ -4,8 +4,8 @@
                                [--keep-up] [--port 18000]
 
 Brings the compose stack up under a project of its own (`docker compose up
---build --wait`, the settings of docker-compose.yml plus `MODELS_DIR` and
-`PORT`), then alternates three ways to reach the same replicas with wrk (one
+--build --wait`, the settings of docker-compose.yml plus `HOST_MODELS_DIR` and
+`HOST_PORT`), then alternates three ways to reach the same replicas with wrk (one
 thread, PNG POST /predict), at 8 and 64 connections:
 
 - `published`: the published port on 127.0.0.1, through Docker's port proxy
@@ -208,7 +208,7 @@ def main() -> int:
     port = args.port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
     env.update(
-        PORT=str(port), GRPC_PORT=str(free_port()), MODELS_DIR=str(Path(models).resolve()),
+        HOST_PORT=str(port), HOST_GRPC_PORT=str(free_port()), HOST_MODELS_DIR=str(Path(models).resolve()),
         API_REPLICAS=str(args.replicas),
     )  # fmt: skip
     published = f"http://127.0.0.1:{port}"

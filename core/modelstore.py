@@ -18,7 +18,6 @@ import itertools
 import json
 import math
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from core.names import VERSION_RE, check_name, parse_version
 from core.network import Network, check_architecture
 
 FORMAT = "mlp-npz/1"
@@ -35,9 +35,6 @@ WEIGHTS_FILE = "weights.npz"
 METADATA_FILE = "model.json"
 REPORT_FILE = "report.png"
 TEMP_PREFIX = ".tmp-"
-# fullmatch, not match with `$`: `$` also matches before a final newline ("2\n").
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_VERSION_RE = re.compile(r"[1-9][0-9]{0,9}")
 
 
 class InvalidModel(Exception):
@@ -53,21 +50,6 @@ class LoadedModel:
     metadata: dict[str, Any]
 
 
-def check_name(name: str) -> str:
-    """Model names become path components, so only a safe alphabet is allowed."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(f"invalid model name {name!r}: use letters, digits, '_', '-', '.'")
-    return name
-
-
-def parse_version(text: str | int) -> int:
-    """A version is a positive integer; anything else (e.g. '../x') is refused."""
-    s = str(text)
-    if not _VERSION_RE.fullmatch(s):
-        raise ValueError(f"invalid version {text!r}: expected a positive integer")
-    return int(s)
-
-
 def list_versions(models_dir: Path | str, name: str) -> list[int]:
     """Integer-named folders under models/<name>/, ascending. Temp folders are not versions.
 
@@ -79,7 +61,7 @@ def list_versions(models_dir: Path | str, name: str) -> list[int]:
         entries = list(os.scandir(root))
     except FileNotFoundError:
         return []
-    return sorted(int(e.name) for e in entries if _VERSION_RE.fullmatch(e.name) and _is_dir_or_broken(e))
+    return sorted(int(e.name) for e in entries if VERSION_RE.fullmatch(e.name) and _is_dir_or_broken(e))
 
 
 def _is_dir_or_broken(entry: os.DirEntry) -> bool:

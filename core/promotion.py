@@ -27,8 +27,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from core.labels import Labels
+from core.settings import PROMOTION_POLICIES as POLICIES
+from core.settings import Settings
 
-POLICIES = ("gate", "latest", "manual")
+# The defaults of PROMOTION, MIN_ACCURACY and PROMOTION_TOLERANCE, as core.settings declares them.
+DEFAULT_POLICY = Settings().promotion
+DEFAULT_MIN_ACCURACY = Settings().min_accuracy
+DEFAULT_TOLERANCE = Settings().promotion_tolerance
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,9 @@ def gate_reason(
 def decide(
     accuracies: Mapping[int, float | None],
     labels: Labels,
-    policy: str = "gate",
-    min_accuracy: float = 0.98,
-    tolerance: float = 0.001,
+    policy: str = DEFAULT_POLICY,
+    min_accuracy: float = DEFAULT_MIN_ACCURACY,
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> Decision:
     """The live versions for `accuracies` (valid version -> recorded test accuracy) and `labels`."""
     if policy not in POLICIES:

@@ -7,15 +7,15 @@ is wrong: an unknown or invalid version, a percent outside 0..100, nothing
 to roll back to, or a broken labels.json all exit with code 2 and one line
 on stderr. On success it prints what changed.
 
-MODELS_DIR and MODEL_NAME come from the environment (defaults ./models and
-mnist), as the service and the trainer read them; PROMOTION, MIN_ACCURACY and
-PROMOTION_TOLERANCE too, to know what serves when no label says so yet.
+MODELS_DIR and MODEL_NAME come from the environment, and PROMOTION,
+MIN_ACCURACY and PROMOTION_TOLERANCE too, to know what serves when no label
+says so yet: all read and checked by core.settings, as the service reads them,
+so the command and the service never disagree on what serves.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,6 +24,7 @@ from pathlib import Path
 from core import labels, modelstore, promotion
 from core.labels import InvalidLabels, Labels
 from core.modelstore import InvalidModel
+from core.settings import Settings, SettingsError
 
 
 class UsageError(Exception):
@@ -47,16 +48,8 @@ def valid_accuracies(models_dir: Path, name: str) -> dict[int, float | None]:
     return found
 
 
-def _policy_settings() -> tuple[str, float, float]:
-    policy = os.environ.get("PROMOTION") or "gate"
-    try:
-        min_accuracy = float(os.environ.get("MIN_ACCURACY") or 0.98)
-        tolerance = float(os.environ.get("PROMOTION_TOLERANCE") or 0.001)
-    except ValueError as e:
-        raise UsageError(f"MIN_ACCURACY / PROMOTION_TOLERANCE: {e}") from None
-    if policy not in promotion.POLICIES:
-        raise UsageError(f"PROMOTION must be one of {', '.join(promotion.POLICIES)}, got {policy!r}")
-    return policy, min_accuracy, tolerance
+def _policy_settings(settings: Settings) -> tuple[str, float, float]:
+    return settings.promotion, settings.min_accuracy, settings.promotion_tolerance
 
 
 def _check_version(text: str, valid: dict[int, float | None], models_dir: Path, name: str) -> int:
@@ -81,8 +74,12 @@ def _percent(text: str) -> float:
         raise UsageError(f"percent must be a number from 0 to 100, got {text!r}") from None
 
 
-def apply(args: argparse.Namespace, models_dir: Path, name: str) -> tuple[Labels, Labels, int | None]:
-    """The labels before and after the command, and the version serving before it."""
+def apply(
+    args: argparse.Namespace, models_dir: Path, name: str, settings: Settings | None = None
+) -> tuple[Labels, Labels, int | None]:
+    """The labels before and after the command, and the version serving before it, under the
+    promotion settings of `settings` (default: the environment's)."""
+    settings = Settings.from_env() if settings is None else settings
     modelstore.check_name(name)
     try:
         old = labels.read(models_dir, name)
@@ -91,7 +88,7 @@ def apply(args: argparse.Namespace, models_dir: Path, name: str) -> tuple[Labels
     valid = valid_accuracies(models_dir, name)
     if not valid:
         raise UsageError(f"{name} has no valid version in {models_dir / name}")
-    serving = promotion.decide(valid, old, *_policy_settings()).stable
+    serving = promotion.decide(valid, old, *_policy_settings(settings)).stable
     if args.command == "show":
         return old, old, serving
     if args.command == "promote":
@@ -136,15 +133,16 @@ def describe(name: str, old: Labels, new: Labels, serving: int | None) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
+    settings = Settings() if settings is None else settings
     parser = argparse.ArgumentParser(
         prog="python -m core.release",
         description="Set a model's version labels (models/<name>/labels.json), read by every worker.",
-        epilog="environment: MODELS_DIR (default ./models), MODEL_NAME (default mnist), "
-        "PROMOTION, MIN_ACCURACY, PROMOTION_TOLERANCE (as the service reads them)",
+        epilog="environment: MODELS_DIR, MODEL_NAME, PROMOTION, MIN_ACCURACY, PROMOTION_TOLERANCE "
+        "(as the service reads them; docs/settings.md)",
     )
-    parser.add_argument("--models-dir", default=os.environ.get("MODELS_DIR") or "models")
-    parser.add_argument("--name", default=os.environ.get("MODEL_NAME") or "mnist")
+    parser.add_argument("--models-dir", default=settings.models_dir, help="[$MODELS_DIR or %(default)s]")
+    parser.add_argument("--name", default=settings.model_name, help="[$MODEL_NAME or %(default)s]")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("promote", help="make VERSION stable (the current stable becomes previous_stable)")
     p.add_argument("version")
@@ -158,10 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()  # MIN_ACCURACY=98 stops here, as it stops the service
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args = build_parser(settings).parse_args(argv)
     models_dir = Path(args.models_dir)
     try:
-        old, new, serving = apply(args, models_dir, args.name)
+        old, new, serving = apply(args, models_dir, args.name, settings)
     except (UsageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

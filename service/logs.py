@@ -18,18 +18,15 @@ redundant and costs about a tenth of a request's CPU, in the worker and again
 in Docker's log driver (docs/benchmarks.md): compose and Swarm set
 ACCESS_LOG=errors, so the api adds its own line only for requests that failed.
 
-Settings (environment):
-    LOG_FORMAT  json (default) or text: text is for a human at a terminal (read once, at import).
-    LOG_LEVEL   INFO (default), DEBUG, WARNING, ...; access lines are written at any level.
-    ACCESS_LOG  1 (default): one access line per request; errors: only for answers with a
-                status of 400 or more; 0: none.
+Settings (core/settings.py, read by the caller and passed in): LOG_FORMAT (json, or text
+for a human at a terminal), LOG_LEVEL (access lines are written at any level) and
+ACCESS_LOG (1: every request; errors: answers of 400 and above; 0: none).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import secrets
 import sys
@@ -40,7 +37,8 @@ from flask import Flask, Response, g, has_request_context, request
 from gunicorn.glogging import Logger as _GunicornLogger
 from pythonjsonlogger.json import JsonFormatter as _BaseJsonFormatter
 
-LOG_FORMAT = os.environ.get("LOG_FORMAT", "json").lower()
+from core.settings import Settings
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -142,19 +140,15 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def _log_level() -> str:
-    return os.environ.get("LOG_LEVEL", "INFO").upper()
+def make_formatter(log_format: str) -> logging.Formatter:
+    return TextFormatter() if log_format == "text" else JsonFormatter()
 
 
-def make_formatter() -> logging.Formatter:
-    return TextFormatter() if LOG_FORMAT == "text" else JsonFormatter()
-
-
-def configure_logging() -> None:
+def configure_logging(settings: Settings) -> None:
     """Send the root logger to stdout through the chosen formatter, once per process."""
     logging.captureWarnings(True)  # Python warnings as JSON lines too, not bare stderr text
     access_log.setLevel(logging.INFO)  # one line per request whatever LOG_LEVEL says
-    if LOG_FORMAT != "text" and not access_log.handlers:
+    if settings.log_format != "text" and not access_log.handlers:
         access = logging.StreamHandler(sys.stdout)
         access.set_name(_ACCESS_HANDLER_NAME)
         access.setFormatter(AccessFormatter())
@@ -166,16 +160,19 @@ def configure_logging() -> None:
         return
     handler = logging.StreamHandler(sys.stdout)
     handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(make_formatter())
+    handler.setFormatter(make_formatter(settings.log_format))
     handler.addFilter(RequestIdFilter())
     root.addHandler(handler)
-    root.setLevel(_log_level())
+    root.setLevel(settings.log_level.upper())
 
 
-def gunicorn_logconfig() -> dict[str, Any]:
-    """A logging.dictConfig for gunicorn.conf.py (`logconfig_dict`): its error log as JSON lines."""
-    level = _log_level()
-    access_level = "INFO" if os.environ.get("GUNICORN_ACCESS_LOG") else "CRITICAL"
+def gunicorn_logconfig(settings: Settings | None = None) -> dict[str, Any]:
+    """A logging.dictConfig for gunicorn.conf.py (`logconfig_dict`): its error log as JSON lines.
+
+    `settings` defaults to the environment's, as gunicorn.conf.py reads them."""
+    settings = Settings.from_env() if settings is None else settings
+    level = settings.log_level.upper()
+    access_level = "INFO" if settings.gunicorn_access_log else "CRITICAL"
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -185,7 +182,7 @@ def gunicorn_logconfig() -> dict[str, Any]:
         "handlers": {
             _HANDLER_NAME: {
                 "class": "logging.StreamHandler",
-                "formatter": "text" if LOG_FORMAT == "text" else "json",
+                "formatter": "text" if settings.log_format == "text" else "json",
                 "filters": ["request_id"],
                 "stream": "ext://sys.stdout",
             }
@@ -216,15 +213,13 @@ class GunicornLogger(_GunicornLogger):
             super().access(resp, req, environ, request_time)
 
 
-ACCESS_LOG_MODES = {"1": 0, "errors": 400, "0": None}  # mode -> least status written (None: off)
+# ACCESS_LOG (its choices are checked by core.settings) -> the least status written (None: off).
+ACCESS_LOG_MODES = {"1": 0, "errors": 400, "0": None}
 
 
-def access_threshold(value: str | None = None) -> int | None:
-    """The least status that gets an access line under ACCESS_LOG, or None when it is off."""
-    text = (os.environ.get("ACCESS_LOG", "1") if value is None else value).strip().lower() or "1"
-    if text not in ACCESS_LOG_MODES:
-        raise ValueError(f"ACCESS_LOG must be one of {', '.join(ACCESS_LOG_MODES)}, got {text!r}")
-    return ACCESS_LOG_MODES[text]
+def access_threshold(mode: str) -> int | None:
+    """The least status that gets an access line under ACCESS_LOG `mode`, or None when it is off."""
+    return ACCESS_LOG_MODES[mode]
 
 
 def request_id_from(header: str | None) -> str:
@@ -236,8 +231,8 @@ def request_id_from(header: str | None) -> str:
 
 def init_app(app: Flask) -> None:
     """Tag requests with an id, echo it, and write one access line per request."""
-    configure_logging()
-    threshold = access_threshold()
+    configure_logging(app.extensions["settings"])
+    threshold = access_threshold(app.config["ACCESS_LOG"])
 
     @app.before_request
     def _start() -> None:

@@ -46,9 +46,9 @@ class ModelManager:
         pinned: int | None = None,
         poll_seconds: float = 5.0,
         cache_size: int = 4,
-        policy: str = "gate",
-        min_accuracy: float = 0.98,
-        tolerance: float = 0.001,
+        policy: str = promotion.DEFAULT_POLICY,
+        min_accuracy: float = promotion.DEFAULT_MIN_ACCURACY,
+        tolerance: float = promotion.DEFAULT_TOLERANCE,
         rng: random.Random | None = None,
     ) -> None:
         models_dir = Path(models_dir)

@@ -8,13 +8,16 @@ MKL_NUM_THREADS are set explicitly. One thread is also the faster choice when
 few cores are shared by several processes, where two BLAS threads wait on each other.
 """
 
-import os
 import sys
 
+from core.settings import Settings, SettingsError  # the standard library only: numpy is not loaded yet
 from core.threads import pin_blas_threads
 
-pin_blas_threads(os.environ.get("TRAINER_THREADS", "1"))
+try:
+    pin_blas_threads(Settings.from_env().trainer_threads)
+except SettingsError as e:
+    sys.exit(f"error: {e}")
 
-from trainer.cli import main  # noqa: E402 - must come after the thread settings
+from trainer.cli import main  # after the thread settings: it imports numpy
 
 sys.exit(main())

@@ -1,9 +1,9 @@
 """`python -m trainer train|evaluate`: flags in, exit code out.
 
 Every hyperparameter of `trainer.presets.Config` has a flag; an unset flag
-keeps the preset's value. Paths and the model name default to environment
-variables (DATA_DIR, MODELS_DIR, MODEL_NAME), as the service reads them, so
-one `export` configures both. Expected failures (no dataset, bad flags, no
+keeps the preset's value. Paths and the model name default to the settings
+DATA_DIR, MODELS_DIR and MODEL_NAME, read by core.settings as the service reads
+them, so one `export` configures both. Expected failures (no dataset, bad flags, no
 such model) print one line on stderr, never a traceback.
 """
 
@@ -16,12 +16,14 @@ import sys
 from collections.abc import Sequence
 
 from core.network import COSTS, HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
+from core.settings import Settings, SettingsError
 from trainer.presets import DEFAULT_PRESET, DTYPES, INITS, OPTIMIZERS, PRESETS, SCHEDULES, Config, make_config
 
 ENV_HELP = (
-    "environment: DATA_DIR (default ./data), MODELS_DIR (default ./models), MODEL_NAME (default mnist), "
+    "environment: DATA_DIR, MODELS_DIR, MODEL_NAME (the defaults of the flags above), "
     "MNIST_DOWNLOAD=0 forbids downloading a missing dataset, TQDM_DISABLE=1 hides the progress bar, "
-    "TRAINER_THREADS (default 1) BLAS threads: the same seed gives the same weights only with the same count."
+    "TRAINER_THREADS (default 1) BLAS threads: the same seed gives the same weights only with the same count "
+    "(docs/settings.md)."
 )
 
 
@@ -33,21 +35,17 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, settings: Settings) -> None:
+    p.add_argument("--data-dir", default=settings.data_dir, help="MNIST root [$DATA_DIR or %(default)s]")
     p.add_argument(
-        "--data-dir", default=os.environ.get("DATA_DIR", "data"), help="MNIST root [$DATA_DIR or data]"
+        "--models-dir", default=settings.models_dir, help="model repository [$MODELS_DIR or %(default)s]"
     )
-    p.add_argument(
-        "--models-dir",
-        default=os.environ.get("MODELS_DIR", "models"),
-        help="model repository [$MODELS_DIR or models]",
-    )
-    p.add_argument(
-        "--name", default=os.environ.get("MODEL_NAME", "mnist"), help="model name [$MODEL_NAME or mnist]"
-    )
+    p.add_argument("--name", default=settings.model_name, help="model name [$MODEL_NAME or %(default)s]")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
+    """The parser; the flags' defaults come from `settings` (default: the environment's)."""
+    settings = Settings.from_env() if settings is None else settings
     parser = argparse.ArgumentParser(
         prog="python -m trainer",
         description="Train the numpy MNIST network and publish it to models/<name>/<version>/, "
@@ -67,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="named configuration [%(default)s]"
     )
-    _common(tr)
+    _common(tr, settings)
     g = tr.add_argument_group("architecture (defaults come from the preset)")
     g.add_argument(
         "--sizes", type=_sizes, help=f"layer sizes, comma-separated (best: {','.join(map(str, d.sizes))})"
@@ -118,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a published version (verified) and score it on the MNIST test set.",
         epilog=ENV_HELP,
     )
-    _common(ev)
+    _common(ev, settings)
     ev.add_argument("--version", help="version to score [newest]")
     ev.add_argument(
         "--feedback", metavar="DIR", help="also score on the current holdout of the corrections in DIR"
@@ -148,7 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from core.modelstore import InvalidModel
     from trainer.data import DataError
 
-    parser = build_parser()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    parser = build_parser(settings)
     args = parser.parse_args(argv)
     if getattr(args, "feedback", None) is not None and not os.path.isdir(args.feedback):
         parser.error(f"--feedback {args.feedback}: no such folder (the service's FEEDBACK_DIR)")
@@ -167,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.models_dir,
                 args.name,
                 publish=not args.no_publish,
-                progress=not args.no_progress and os.environ.get("TQDM_DISABLE", "") in ("", "0"),
+                progress=not args.no_progress and not settings.tqdm_disable,
                 feedback_dir=args.feedback,
             )
         elif args.command == "export-feedback":

@@ -9,13 +9,13 @@ needs a command, not a traceback.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from core.modelstore import sha256_file
+from core.settings import Settings
 
 RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -51,7 +51,7 @@ def raw_dir(data_dir: Path | str) -> Path:
 
 def download_allowed() -> bool:
     """MNIST_DOWNLOAD=0 forbids torchvision's download (tests, offline machines)."""
-    return os.environ.get("MNIST_DOWNLOAD", "1").lower() not in ("0", "false", "no")
+    return Settings.from_env().mnist_download
 
 
 def _split(data_dir: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:

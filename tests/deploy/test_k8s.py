@@ -32,6 +32,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from core.settings import Settings
 from tests.deploy.kserve_schema import INFERENCE_SERVICE_SCHEMA, KNATIVE_PORT_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,26 +254,17 @@ def _exposed_port() -> int:
     return int(line.split()[1])
 
 
-def _names_read(paths: list[Path]) -> set[str]:
-    """Environment variables the code reads: os.environ.get/[...]/setdefault and _int_env."""
-    pattern = re.compile(r"""(?:os\.environ(?:\.get|\.setdefault)?[\[(]|_int_env\()\s*["']([A-Z0-9_]+)["']""")
-    return {m for p in paths for m in pattern.findall(p.read_text())}
-
-
 def _api_settings() -> set[str]:
-    from service.app import DEFAULTS
-
-    return set(DEFAULTS) | _names_read([ROOT / "gunicorn.conf.py", *sorted((ROOT / "service").glob("*.py"))])
+    """Every setting the code reads (core/settings.py declares them all)."""
+    return set(Settings.names())
 
 
 def _trainer_settings() -> set[str]:
-    return _names_read(sorted((ROOT / "trainer").glob("*.py"))) | set(_dockerfile_env(TRAINER_DOCKERFILE))
+    return set(Settings.names()) | set(_dockerfile_env(TRAINER_DOCKERFILE))
 
 
 def _gunicorn_default(name: str) -> int:
-    match = re.search(rf"""_int_env\(["']{name}["'],\s*(\d+)""", (ROOT / "gunicorn.conf.py").read_text())
-    assert match, f"gunicorn.conf.py no longer reads {name}"
-    return int(match.group(1))
+    return getattr(Settings(), name.lower())
 
 
 def test_settings_names_are_read_by_the_code(
@@ -489,12 +481,10 @@ def test_objects_point_at_each_other(base: list[dict[str, Any]]) -> None:
 def test_ingress_limits_match_the_service(base: list[dict[str, Any]]) -> None:
     """nginx must reject bodies the app would reject anyway, and not wait for an answer longer than
     gunicorn lets a worker run."""
-    from service.app import DEFAULTS
-
     notes = _one(base, "Ingress")["metadata"]["annotations"]
     prefix = "nginx.ingress.kubernetes.io/"
     body = re.fullmatch(r"(\d+)m", notes[prefix + "proxy-body-size"])
-    assert body and int(body.group(1)) * 1024 * 1024 == DEFAULTS["MAX_CONTENT_LENGTH"]
+    assert body and int(body.group(1)) * 1024 * 1024 == Settings().max_content_length
     assert int(notes[prefix + "proxy-read-timeout"]) == _gunicorn_default("GUNICORN_TIMEOUT")
     for key in ("limit-rps", "limit-connections"):
         assert int(notes[prefix + key]) > 0, key

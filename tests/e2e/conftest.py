@@ -93,7 +93,7 @@ class Stack:
     port: int
     env: dict[str, str]
     poll_seconds: float
-    grpc_port: int = 0  # nginx's published gRPC port (GRPC_PORT)
+    grpc_port: int = 0  # nginx's published gRPC port (HOST_GRPC_PORT)
 
     @property
     def grpc_target(self) -> str:
@@ -280,14 +280,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory, timer: Timer) -> Iterator[St
         for k, v in os.environ.items()
         # the developer's shell must not configure the newcomer's stack
         if k
-        not in ("MODEL_NAME", "MODEL_VERSION", "MODELS_DIR", "DATA_DIR", "WEB_CONCURRENCY", "API_REPLICAS")
+        not in (
+            *("MODEL_NAME", "MODEL_VERSION", "MODELS_DIR", "DATA_DIR", "WEB_CONCURRENCY", "API_REPLICAS"),
+            *("HOST_MODELS_DIR", "HOST_DATA_DIR"),
+        )
         and not k.startswith("COMPOSE_")
     }
     port, grpc_port = free_port(), free_port()
     env.update(
         COMPOSE_PROJECT_NAME=project,
-        PORT=str(port),
-        GRPC_PORT=str(grpc_port),
+        HOST_PORT=str(port),
+        HOST_GRPC_PORT=str(grpc_port),
         MODEL_POLL_SECONDS=str(poll),
         HOST_UID=str(os.getuid()),
         HOST_GID=str(os.getgid()),

@@ -248,13 +248,22 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, timer: Timer) -> Iterator[Sw
         k: v
         for k, v in os.environ.items()
         # the developer's shell must not configure the stack under test
-        if k not in ("MODEL_NAME", "MODEL_VERSION", "MODELS_DIR", "WEB_CONCURRENCY", "API_REPLICAS", "STACK")
+        if k
+        not in (
+            "MODEL_NAME",
+            "MODEL_VERSION",
+            "MODELS_DIR",
+            "HOST_MODELS_DIR",
+            "WEB_CONCURRENCY",
+            "API_REPLICAS",
+            "STACK",
+        )
     }
     env.update(
-        STACK=stack, API_IMAGE=image, PORT=str(free_port()), MODELS_DIR=str(repo / "models"),
+        STACK=stack, API_IMAGE=image, HOST_PORT=str(free_port()), MODELS_DIR=str(repo / "models"),
         API_REPLICAS=str(API_REPLICAS), MODEL_POLL_SECONDS=str(POLL_SECONDS),
     )  # fmt: skip
-    s = Swarm(repo, stack, int(env["PORT"]), env)
+    s = Swarm(repo, stack, int(env["HOST_PORT"]), env)
 
     made_swarm = False
     # `swarm init` creates docker_gwbridge and `swarm leave` keeps it: removed again if it was ours.

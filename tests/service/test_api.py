@@ -12,7 +12,8 @@ import pytest
 
 from core import network
 from core.preprocess import to_vectors
-from service.app import create_app, load_config
+from core.settings import Settings
+from service.app import create_app
 from tests.helpers import bomb_png, png_bytes, publish, random_net
 
 
@@ -48,14 +49,14 @@ def assert_prediction(p: dict) -> None:
 
 
 def test_config_defaults_and_env():
-    cfg = load_config({})
+    cfg = Settings.from_env({}).as_env()
     assert cfg["MODELS_DIR"] == "./models" and cfg["MODEL_NAME"] == "mnist"
     assert cfg["MODEL_VERSION"] is None and cfg["MODEL_POLL_SECONDS"] == 5
     assert cfg["MAX_BATCH"] == 1024 and cfg["MAX_CONTENT_LENGTH"] == 4 * 1024 * 1024
     assert cfg["TRUSTED_PROXIES"] == 0
-    cfg = load_config({"MODEL_VERSION": "3", "MAX_BATCH": "8", "MODEL_POLL_SECONDS": "0.5"})
+    cfg = Settings.from_env({"MODEL_VERSION": "3", "MAX_BATCH": "8", "MODEL_POLL_SECONDS": "0.5"}).as_env()
     assert cfg["MODEL_VERSION"] == 3 and cfg["MAX_BATCH"] == 8 and cfg["MODEL_POLL_SECONDS"] == 0.5
-    assert load_config({"TRUSTED_PROXIES": "1"})["TRUSTED_PROXIES"] == 1
+    assert Settings.from_env({"TRUSTED_PROXIES": "1"}).as_env()["TRUSTED_PROXIES"] == 1
 
 
 @pytest.mark.parametrize(
@@ -71,7 +72,7 @@ def test_config_defaults_and_env():
 )
 def test_bad_config_stops_the_start(env):
     with pytest.raises(ValueError):
-        load_config(env)
+        Settings.from_env(env)
 
 
 # --- health, readiness, models ------------------------------------------------------------

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from service.app import DEFAULTS
+from core.settings import Settings
 from tests.helpers import Server, png_bytes, publish, random_net, start_gunicorn
 
 
@@ -93,7 +93,7 @@ def test_a_path_with_cr_lf_cannot_forge_a_text_log_line(server):
                         {
                             "name": "input",
                             "datatype": "UINT8",
-                            "shape": [DEFAULTS["MAX_BATCH"] + 1, 784],
+                            "shape": [Settings().max_batch + 1, 784],
                             "data": [],
                         }
                     ]

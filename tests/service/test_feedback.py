@@ -19,8 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from core import feedback, network
 from core.preprocess import to_vectors
+from core.settings import Settings
 from service import imaging
-from service.app import create_app, load_config
+from service.app import create_app
 from tests.helpers import ROOT, png_bytes, publish, random_net
 from tests.segment_digits import sample
 
@@ -188,7 +189,7 @@ def test_a_batch_is_refused(models_dir, tmp_path, digit_image):
 
 
 def test_without_feedback_dir_the_route_says_so_and_nothing_else_changes(models_dir, tmp_path, digit_image):
-    assert load_config({})["FEEDBACK_DIR"] is None
+    assert Settings.from_env({}).feedback_dir is None
     off = make_client(models_dir, None)
     r = off.post("/feedback?digit=1", data=png_bytes(digit_image), content_type="image/png")
     assert_error(r, 404, "feedback_off")

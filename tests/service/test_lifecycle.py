@@ -183,10 +183,10 @@ def test_model_names_restricts_the_models_served(two_models):
     ],
 )
 def test_bad_lifecycle_settings_stop_the_start(key, value, message):
-    from service.app import load_config
+    from core.settings import Settings
 
     with pytest.raises(ValueError, match=message):
-        load_config({key: value})
+        Settings.from_env({key: value})
 
 
 def test_metrics_carry_the_version_that_answered(repo, mnist):

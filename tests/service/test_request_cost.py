@@ -30,14 +30,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.app import DEFAULTS
+from core.settings import Settings
 from tests.helpers import Server, bomb_png, png_chunk, publish, random_net, start_gunicorn
 
 CPU_BOUND_SECONDS = 1.0
 MEMORY_BOUND_MIB = 200
-MAX_BODY = DEFAULTS["MAX_CONTENT_LENGTH"]
-MAX_BATCH = DEFAULTS["MAX_BATCH"]
-BUDGET = DEFAULTS["MAX_REQUEST_PIXELS"]
+MAX_BODY = Settings().max_content_length
+MAX_BATCH = Settings().max_batch
+BUDGET = Settings().max_request_pixels
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
