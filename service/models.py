@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core import modelstore
+from core import modelstore, promotion
 from core.modelstore import LoadedModel
 from service.errors import ApiError
 from service.live import Live, LiveChoice, check_label
