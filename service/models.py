@@ -450,7 +450,5 @@ def _version_entry(version: int, metadata: dict[str, Any], state: str, reason: s
 
 
 def _accuracy(meta: dict[str, Any]) -> float | None:
-    """The test accuracy, where the trainer records it: `metrics.test_accuracy` (trainer/run.py)."""
-    metrics = meta.get("metrics")
-    value = metrics.get("test_accuracy") if isinstance(metrics, dict) else None
-    return value if isinstance(value, int | float) else None
+    """The test accuracy, where the trainer records it; one reading for the whole project."""
+    return modelstore.recorded_accuracy(meta)
