@@ -33,35 +33,14 @@ SHIPPED_MODEL = ROOT / "models" / "mnist" / str(SHIPPED_VERSION)
 # The second shipped model: the reference network of `--preset seed` (784-32-10 sigmoid, ≈95%).
 SHIPPED_SEED_MODEL = ROOT / "models" / "mnist-seed" / "1"
 
-# --- MNIST -------------------------------------------------------------------------------------
+# --- MNIST (read by core.mnist, the project's one reader) ----------------------------------------
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST's format) as a writable numpy array, without torch."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-        ndim = head[3]
-        shape = tuple(int.from_bytes(f.read(4), "big") for _ in range(ndim))
-    return np.fromfile(path, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-@dataclass(frozen=True)
-class Mnist:
-    train_images: np.ndarray  # (60000, 28, 28) uint8
-    train_labels: np.ndarray  # (60000,) int64
-    test_images: np.ndarray  # (10000, 28, 28) uint8
-    test_labels: np.ndarray  # (10000,) int64
-
-
-def load_mnist(data_dir: Path) -> Mnist:
-    """The four raw files under data_dir/MNIST/raw (see the data_dir fixture)."""
-    raw = Path(data_dir) / "MNIST" / "raw"
-    return Mnist(
-        read_idx(raw / "train-images-idx3-ubyte"),
-        read_idx(raw / "train-labels-idx1-ubyte").astype(np.int64),
-        read_idx(raw / "t10k-images-idx3-ubyte"),
-        read_idx(raw / "t10k-labels-idx1-ubyte").astype(np.int64),
-    )
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An array as an IDX file, MNIST's format: magic (0x08 = ubyte, then the rank), the dims
+    big-endian, the bytes. For tests that need small or broken MNIST files of their own."""
+    header = struct.pack(">i", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
 
 
 # --- networks and model repositories ----------------------------------------------------------

@@ -16,7 +16,6 @@ Environment (default):
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import os
 import shutil
@@ -31,8 +30,8 @@ import numpy as np
 import pytest
 import requests
 
-from tests.helpers import free_port, read_idx
-from trainer.data import RAW_FILES
+from core import mnist
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
@@ -234,22 +233,17 @@ class Clients:
 
 def mnist_test_sample(repo: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random sample of `n` MNIST test images (uint8, 28×28) and labels, from a clone's ./data."""
-    raw = repo / "data" / "MNIST" / "raw"
-    images, labels = read_idx(raw / "t10k-images-idx3-ubyte"), read_idx(raw / "t10k-labels-idx1-ubyte")
+    images, labels = mnist.read(repo / "data", "test_images"), mnist.read(repo / "data", "test_labels")
     idx = np.random.default_rng(0).choice(len(images), n, replace=False)
     return images[idx], labels[idx]
 
 
 def fill_mnist(data_dir: Path) -> None:
-    """DATA_DIR/MNIST/raw from ../shared/datasets/mnist, where torchvision looks first."""
-    raw = data_dir / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
+    """DATA_DIR/MNIST/raw from ../shared/datasets/mnist (core.mnist.unpack, as `make data` does)."""
     source = Path(os.environ.get("MNIST_FILES", SHARED / "datasets" / "mnist"))
     if not source.is_dir():
         pytest.fail(f"no MNIST files in {source}: set MNIST_FILES to the folder with the *-ubyte.gz files")
-    for name in RAW_FILES:
-        with gzip.open(source / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    mnist.unpack(source, data_dir)
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from core import mnist as mnist_files
 from core import network
 from tests.helpers import (
-    Mnist,
     Server,
     accuracy,
-    load_mnist,
     publish,
     random_net,
     start_gunicorn,
@@ -22,12 +21,12 @@ from tests.helpers import (
 
 
 @pytest.fixture(scope="session")
-def mnist(data_dir: Path) -> Mnist:
-    return load_mnist(data_dir)
+def mnist(data_dir: Path) -> mnist_files.MNIST:
+    return mnist_files.load(data_dir)
 
 
 @pytest.fixture(scope="session")
-def trained_net(mnist: Mnist) -> network.Network:
+def trained_net(mnist: mnist_files.MNIST) -> network.Network:
     """A 784-64-10 sigmoid network trained on real MNIST for a few seconds (90-95% test
     accuracy): good enough that recognising digits is a real test."""
     net = train_quickly(

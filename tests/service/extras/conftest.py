@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from core.mnist import MNIST
 from service.app import create_app
-from tests.helpers import Mnist, Server, accuracy, publish, start_gunicorn, train_quickly
+from tests.helpers import Server, accuracy, publish, start_gunicorn, train_quickly
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory, mnist: Mnist) -> Path:
+def models_dir(tmp_path_factory: pytest.TempPathFactory, mnist: MNIST) -> Path:
     """A repository with one version: 784-64-10, one epoch on 20k images (~92%, under a second)."""
     root = tmp_path_factory.mktemp("models")
     net = train_quickly(mnist.train_images[:20000], mnist.train_labels[:20000])
