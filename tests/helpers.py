@@ -1,5 +1,7 @@
-"""Plain helpers every service and browser test shares: real MNIST, small real networks published
-with core.modelstore, PNG bodies, and a real gunicorn started from gunicorn.conf.py on a free port.
+"""Plain helpers every service and browser test shares: small real networks published with
+core.modelstore, the app with Flask's test client, PNG bodies, IDX bytes for MNIST files of a
+test's own, and a real gunicorn started from gunicorn.conf.py on a free port. MNIST itself is
+read by core.mnist (the `mnist` and `data_dir` fixtures); the load generator is tests/load.py.
 
 One copy, so that a fix to (say) how gunicorn is started or awaited reaches every suite."""
 
@@ -20,11 +22,14 @@ from types import TracebackType
 
 import numpy as np
 import requests
+from flask import Flask
+from flask.testing import FlaskClient
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from core import modelstore, network
 from core.preprocess import to_vectors
+from service.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 # The one version committed to the repository: what a fresh clone serves.
@@ -61,20 +66,17 @@ def train_quickly(
     activation: str = "relu",
     init: str = "he",
     lr: float = 0.5,
-    seconds: float | None = None,
 ) -> network.Network:
     """A small 784-hidden-10 softmax network by plain minibatch SGD through core.network.backprop,
-    in seconds: real enough that recognising digits is a real test, without the trainer (torch).
+    in seconds: real enough that recognising digits is a real test, without the trainer.
 
-    `seconds` bounds the time rather than the epochs (on a busy host an epoch takes much
-    longer), but never stops before half an epoch."""
+    Deterministic: a fixed seed and a fixed number of steps (`epochs` over `images` in batches of
+    100), never a time budget, so the same call gives the same weights on any host, busy or not."""
     rng = np.random.default_rng(0)
     net = network.new_network([784, hidden, 10], [activation, "softmax"], "cross_entropy", rng, init=init)
     x = to_vectors(images)
     y = network.one_hot(labels)
     batch = 100
-    deadline = None if seconds is None else time.monotonic() + seconds
-    seen = 0
     # One BLAS thread: small matrices run up to 15x slower when BLAS threads oversubscribe the cores.
     with threadpool_limits(1):
         for _ in range(epochs):
@@ -86,9 +88,6 @@ def train_quickly(
                     [w - (lr / len(idx)) * g for w, g in zip(net.weights, gw, strict=True)],
                     [b - (lr / len(idx)) * g for b, g in zip(net.biases, gb, strict=True)],
                 )
-                seen += len(idx)
-                if deadline is not None and time.monotonic() > deadline and seen >= len(x) // 2:
-                    return net
     return net
 
 
@@ -101,6 +100,19 @@ def publish(models_dir: Path, net: network.Network, accuracy: float = 0.99, name
     accuracy passes the promotion gate (PROMOTION=gate, MIN_ACCURACY 0.98) over an equal one, so
     tests of reloading see a new version go live; tests of the gate pass a worse one."""
     return modelstore.publish(models_dir, name, net, {"metrics": {"test_accuracy": accuracy}})
+
+
+# --- the app, without a server ----------------------------------------------------------------
+
+
+def make_app(models_dir: Path, **config: object) -> Flask:
+    """The app serving `models_dir`, never polling: a test that wants a new state builds a new app."""
+    return create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0, **config})
+
+
+def make_client(models_dir: Path, **config: object) -> FlaskClient:
+    """Flask's test client on `make_app(models_dir, **config)` (the app is `client.application`)."""
+    return make_app(models_dir, **config).test_client()
 
 
 # --- request bodies ---------------------------------------------------------------------------
@@ -158,21 +170,11 @@ def child_pids(pid: int) -> set[int]:
     return children
 
 
-def stop(proc: subprocess.Popen, timeout: float = 15) -> int:
-    """SIGTERM (gunicorn's graceful stop), then SIGKILL if it hangs; the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
 @dataclass
 class Server:
-    """A started gunicorn; as a context manager it is stopped on exit."""
+    """A started gunicorn. The one way a test stops it is leaving `with start_gunicorn(...) as server:`
+    (the `gunicorn` fixture does it for the servers it starts); tests of TERM and HUP send their
+    signal to `proc` themselves."""
 
     proc: subprocess.Popen
     url: str
@@ -189,8 +191,16 @@ class Server:
         """The server's stdout+stderr so far, line by line (the JSON logs)."""
         return self.logs().splitlines()
 
-    def stop(self) -> int:
-        return stop(self.proc)
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM (gunicorn's graceful stop), then SIGKILL if it hangs; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
 
     def wait_workers(self, n: int, exclude: set[int] = frozenset(), timeout: float = 20) -> set[int]:
         """Wait until n workers not in `exclude` are alive and the server answers."""
@@ -214,7 +224,7 @@ class Server:
 def start_gunicorn(models_dir: Path, log_dir: Path, ready: bool = True, **env: str) -> Server:
     """Start `gunicorn -c gunicorn.conf.py service.wsgi:app` (as `make serve` and the image do) on
     a free port and wait for /readyz (or /healthz) and its 2 workers. `env` overrides the settings.
-    The caller must stop it: `server.stop()`, or `with start_gunicorn(...) as server:`."""
+    Use it as `with start_gunicorn(...) as server:`, which stops it however the block ends."""
     port = free_port()
     log = log_dir / "server.log"
     full_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -252,6 +262,6 @@ def start_gunicorn(models_dir: Path, log_dir: Path, ready: bool = True, **env: s
             time.sleep(0.1)
         server.wait_workers(int(full_env["WEB_CONCURRENCY"]))
     except BaseException:
-        stop(proc)
+        server.stop()
         raise
     return server
