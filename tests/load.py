@@ -71,7 +71,10 @@ def rest(
                     return type(e).__name__, False, None, None, repr(e)
                 if r.status_code != 200:
                     return r.status_code, False, None, None, f"{r.status_code} {r.text[:200]}"
-                doc = r.json()
+                try:
+                    doc = r.json()
+                except ValueError as e:  # a 200 that is not JSON fails, named like a lost connection
+                    return type(e).__name__, False, None, None, f"200, not JSON: {r.text[:200]}"
                 return 200, True, doc.get("model", {}).get("version"), doc, ""
 
             yield call

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.helpers import png_bytes, publish, start_gunicorn, train_quickly
+from tests.helpers import Server, png_bytes, publish, start_gunicorn, train_quickly
 
 
 def scrape(url: str) -> str:
@@ -35,8 +35,25 @@ def sample(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def both_workers_answer(server: Server) -> set[int]:
+    """Send /healthz until both workers have answered one (their access lines name their pids); the
+    pids. A worker still starting accepts nothing, and the other would take every request."""
+    pids: set[int] = set()
+    deadline = time.monotonic() + 20
+    while len(pids) < 2 and time.monotonic() < deadline:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: requests.get(server.url + "/healthz", timeout=5), range(8)))
+        pids = {
+            json.loads(line)["pid"]
+            for line in server.lines()
+            if '"logger": "access"' in line and '"/healthz"' in line
+        }
+    return pids
+
+
 def test_metrics_count_exactly_k_requests_across_workers(served, mnist):
     k = 60
+    assert len(both_workers_answer(served)) == 2  # a fresh server: the second worker may still start
     before = scrape(served.url)
     n_predict = sample(before, "http_requests_total", endpoint="/predict", method="POST", status="200")
     n_hist = sample(before, "http_request_duration_seconds_count", endpoint="/predict")
@@ -90,17 +107,7 @@ def test_reloads_and_rejections_are_counted_in_every_worker(tmp_path, trained_mo
     shutil.copytree(trained_models_dir, root)
     with start_gunicorn(root, tmp_path) as g:
         # Each worker starts polling on its first request: make sure both have served one.
-        pids: set[int] = set()
-        deadline = time.monotonic() + 20
-        while len(pids) < 2 and time.monotonic() < deadline:
-            with ThreadPoolExecutor(4) as pool:
-                list(pool.map(lambda _: requests.get(g.url + "/healthz", timeout=5), range(8)))
-            pids = {
-                json.loads(line)["pid"]
-                for line in g.lines()
-                if '"logger": "access"' in line and '"/healthz"' in line
-            }
-        assert len(pids) == 2
+        assert len(both_workers_answer(g)) == 2
 
         net = train_quickly(mnist.train_images[:2000], mnist.train_labels[:2000])
         assert publish(root, net, 0.99) == 2  # recorded above MIN_ACCURACY: the gate lets it go live
