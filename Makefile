@@ -38,17 +38,15 @@ $(VENV)/.installed: requirements/service.txt requirements/trainer.txt requiremen
 
 venv: $(VENV)/.installed ## create the virtualenv with every pinned dependency
 
-# From local *-ubyte.gz files when MNIST_FILES exists, else torchvision downloads them.
-$(DATA_DIR)/MNIST/raw/t10k-labels-idx1-ubyte:
-	@if [ ! -d "$(MNIST_FILES)" ]; then \
+# From local *-ubyte.gz files when MNIST_FILES exists (checked and unpacked by core.mnist, the
+# project's one MNIST reader), else torchvision downloads them. t10k-labels is written last.
+$(DATA_DIR)/MNIST/raw/t10k-labels-idx1-ubyte: | $(VENV)/.installed
+	@if [ -d "$(MNIST_FILES)" ]; then \
+		$(PY) -m core.mnist unpack "$(MNIST_FILES)" "$(DATA_DIR)"; \
+	else \
 		echo "no $(MNIST_FILES): torchvision downloads MNIST into $(DATA_DIR)"; \
-		$(MAKE) --no-print-directory venv && $(PY) -c "from trainer.data import load_mnist; load_mnist('$(DATA_DIR)', download=True)"; \
-		exit $$?; \
+		$(PY) -c "from trainer.data import load_mnist; load_mnist('$(DATA_DIR)', download=True)"; \
 	fi
-	mkdir -p $(DATA_DIR)/MNIST/raw
-	for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do \
-		gunzip -c "$(MNIST_FILES)/$$f.gz" > "$(DATA_DIR)/MNIST/raw/$$f.part" && mv "$(DATA_DIR)/MNIST/raw/$$f.part" "$(DATA_DIR)/MNIST/raw/$$f" || exit 1; \
-	done
 
 data: $(DATA_DIR)/MNIST/raw/t10k-labels-idx1-ubyte ## MNIST into DATA_DIR/MNIST/raw: unpacked from MNIST_FILES, else downloaded
 

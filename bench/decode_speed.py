@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.preprocess import IMAGE_SIDE, N_INPUTS
+from core import mnist
+from core.preprocess import IMAGE_SIDE
 from service import imaging
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,9 +46,7 @@ def main() -> None:
     parser.add_argument("--request-us", type=float, default=900.0)
     args = parser.parse_args()
 
-    # The first test digit; an IDX image file has a 16-byte header (magic, count, rows, columns).
-    images = Path(args.data_dir) / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-    digit = np.fromfile(images, np.uint8, count=N_INPUTS, offset=16).reshape(IMAGE_SIDE, IMAGE_SIDE)
+    digit = mnist.read(args.data_dir, "test_images")[0]  # the first test digit
     buf = io.BytesIO()
     Image.fromarray(digit).save(buf, "PNG")
     data = buf.getvalue()

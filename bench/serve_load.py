@@ -44,7 +44,7 @@ import requests  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from core import modelstore, network  # noqa: E402
+from core import mnist, modelstore, network  # noqa: E402
 
 APPS = {False: "service.wsgi:app", True: "bench.ablation_app:create_ablation_app()"}
 # /predict with one part left out each (bench/ablation_app.py), from most to least work.
@@ -67,9 +67,8 @@ def free_port() -> int:
 
 def sample_digit(data_dir: Path) -> np.ndarray:
     """A real MNIST test digit when the data is there (PNG size matters), else a drawn stroke."""
-    path = data_dir / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-    if path.exists():
-        return np.fromfile(path, dtype=np.uint8, offset=16, count=784 * 256).reshape(256, 28, 28)
+    if not mnist.missing(mnist.raw_dir(data_dir)):
+        return mnist.read(data_dir, "test_images")[:256]
     rng = np.random.default_rng(0)
     digits = np.zeros((256, 28, 28), np.uint8)
     for d in digits:

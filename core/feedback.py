@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from core.modelstore import fsync_dir
+from core.atomic import fsync_dir, write_atomic
 from core.preprocess import IMAGE_SIDE
 
 SPEC_VERSION = "1.0"
@@ -362,15 +362,15 @@ def export_npz(directory: Path | str, out: Path | str, model: str | None = None)
     scored (the answering version's digit) and model ("name/version")."""
     c = load_corrections(directory, model)
     images = np.clip(np.rint(c.images), 0, 255).astype(np.uint8)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(
-            f, images=images, labels=c.labels, holdout=c.holdout, ids=c.ids, scored=c.scored, model=c.models
-        )
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    arrays = {
+        "images": images,
+        "labels": c.labels,
+        "holdout": c.holdout,
+        "ids": c.ids,
+        "scored": c.scored,
+        "model": c.models,
+    }
+    write_atomic(out, lambda f: np.savez_compressed(f, **arrays))
     return c
 
 

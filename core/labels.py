@@ -17,12 +17,11 @@ last good decision.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.atomic import write_atomic
 from core.modelstore import check_name, read_json
 
 LABELS_FILE = "labels.json"
@@ -117,23 +116,6 @@ def read(models_dir: Path | str, name: str) -> Labels:
 
 
 def write(models_dir: Path | str, name: str, labels: Labels) -> Path:
-    """Replace labels.json atomically: temp file in the same folder, fsync, rename, fsync the folder."""
-    target = path(models_dir, name)
+    """Replace labels.json atomically (core.atomic): a reader sees the old decision or the new one."""
     body = (json.dumps(labels.to_json(), indent=2) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-labels-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return target
+    return write_atomic(path(models_dir, name), body)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from core.atomic import TEMP_PREFIX, fsync_dir, write_synced
 from core.names import VERSION_RE, check_name, parse_version
 from core.network import Network, check_architecture
 
@@ -34,7 +35,6 @@ FORMAT = "mlp-npz/1"
 WEIGHTS_FILE = "weights.npz"
 METADATA_FILE = "model.json"
 REPORT_FILE = "report.png"
-TEMP_PREFIX = ".tmp-"
 
 
 class InvalidModel(Exception):
@@ -151,20 +151,21 @@ def architecture(net: Network) -> dict[str, Any]:
     }
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def recorded_accuracy(meta: dict[str, Any]) -> float | None:
+    """The test accuracy a version's model.json records (`metrics.test_accuracy`, trainer/run.py),
+    or None when there is none that means anything.
 
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (a new or renamed file in it) survive a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    The promotion gate, `python -m core.release`, `/models` and `make evaluate` all read it here,
+    so they agree on what counts: a number in [0, 1]. A boolean (JSON `true` is an int to Python),
+    NaN, an infinity or a percentage such as 99.2 is no accuracy, rather than one that passes or
+    fails the gate by accident.
+    """
+    metrics = meta.get("metrics")
+    value = metrics.get("test_accuracy") if isinstance(metrics, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and 0.0 <= value <= 1.0 else None
 
 
 def publish(
@@ -194,11 +195,11 @@ def publish(
     }
     tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))
     try:
-        _write_synced(tmp / WEIGHTS_FILE, weights)
+        write_synced(tmp / WEIGHTS_FILE, weights)
         for fname, data in (extra_files or {}).items():
-            _write_synced(tmp / fname, data)
+            write_synced(tmp / fname, data)
         # model.json last: its presence means the rest was written.
-        _write_synced(tmp / METADATA_FILE, json.dumps(meta, indent=2).encode())
+        write_synced(tmp / METADATA_FILE, json.dumps(meta, indent=2).encode())
         os.chmod(tmp, 0o755)
         fsync_dir(tmp)
         while True:

@@ -31,18 +31,12 @@ class UsageError(Exception):
     """Input that must not be written; exit code 2."""
 
 
-def _accuracy(meta: dict) -> float | None:
-    metrics = meta.get("metrics")
-    value = metrics.get("test_accuracy") if isinstance(metrics, dict) else None
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def valid_accuracies(models_dir: Path, name: str) -> dict[int, float | None]:
     """Every version that loads and verifies, with its recorded test accuracy."""
     found = {}
     for v in modelstore.list_versions(models_dir, name):
         try:
-            found[v] = _accuracy(modelstore.load(models_dir, name, v).metadata)
+            found[v] = modelstore.recorded_accuracy(modelstore.load(models_dir, name, v).metadata)
         except (InvalidModel, ValueError):
             continue
     return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from service.versions import recorded_accuracy
+from core.modelstore import recorded_accuracy
 
 if TYPE_CHECKING:
     from service.models import ModelManager

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from core import modelstore
-from core.modelstore import InvalidModel, LoadedModel
+from core.modelstore import InvalidModel, LoadedModel, recorded_accuracy
 from core.network import probabilities
 from core.preprocess import DTYPE, N_INPUTS
 from service.errors import ApiError
@@ -80,13 +80,6 @@ def validate(models_dir: Path, name: str, version: int, verify: bool = True) -> 
     if p.shape != (1, N_CLASSES) or not np.all(np.isfinite(p)) or abs(float(p.sum()) - 1.0) > 1e-3:
         raise InvalidModel(f"test inference gave {p.shape} output that is not a probability vector")
     return model
-
-
-def recorded_accuracy(meta: dict[str, Any]) -> float | None:
-    """The test accuracy, where the trainer records it: `metrics.test_accuracy` (trainer/run.py)."""
-    metrics = meta.get("metrics")
-    value = metrics.get("test_accuracy") if isinstance(metrics, dict) else None
-    return value if isinstance(value, int | float) else None
 
 
 class VersionStore:

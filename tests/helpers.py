@@ -1,5 +1,7 @@
-"""Plain helpers every service and browser test shares: real MNIST, small real networks published
-with core.modelstore, PNG bodies, and a real gunicorn started from gunicorn.conf.py on a free port.
+"""Plain helpers every service and browser test shares: small real networks published with
+core.modelstore, the app with Flask's test client, PNG bodies, IDX bytes for MNIST files of a
+test's own, and a real gunicorn started from gunicorn.conf.py on a free port. MNIST itself is
+read by core.mnist (the `mnist` and `data_dir` fixtures); the load generator is tests/load.py.
 
 One copy, so that a fix to (say) how gunicorn is started or awaited reaches every suite."""
 
@@ -20,11 +22,14 @@ from types import TracebackType
 
 import numpy as np
 import requests
+from flask import Flask
+from flask.testing import FlaskClient
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from core import modelstore, network
 from core.preprocess import to_vectors
+from service.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 # The one version committed to the repository: what a fresh clone serves.
@@ -33,35 +38,14 @@ SHIPPED_MODEL = ROOT / "models" / "mnist" / str(SHIPPED_VERSION)
 # The second shipped model: the reference network of `--preset seed` (784-32-10 sigmoid, ≈95%).
 SHIPPED_SEED_MODEL = ROOT / "models" / "mnist-seed" / "1"
 
-# --- MNIST -------------------------------------------------------------------------------------
+# --- MNIST (read by core.mnist, the project's one reader) ----------------------------------------
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST's format) as a writable numpy array, without torch."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-        ndim = head[3]
-        shape = tuple(int.from_bytes(f.read(4), "big") for _ in range(ndim))
-    return np.fromfile(path, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-@dataclass(frozen=True)
-class Mnist:
-    train_images: np.ndarray  # (60000, 28, 28) uint8
-    train_labels: np.ndarray  # (60000,) int64
-    test_images: np.ndarray  # (10000, 28, 28) uint8
-    test_labels: np.ndarray  # (10000,) int64
-
-
-def load_mnist(data_dir: Path) -> Mnist:
-    """The four raw files under data_dir/MNIST/raw (see the data_dir fixture)."""
-    raw = Path(data_dir) / "MNIST" / "raw"
-    return Mnist(
-        read_idx(raw / "train-images-idx3-ubyte"),
-        read_idx(raw / "train-labels-idx1-ubyte").astype(np.int64),
-        read_idx(raw / "t10k-images-idx3-ubyte"),
-        read_idx(raw / "t10k-labels-idx1-ubyte").astype(np.int64),
-    )
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An array as an IDX file, MNIST's format: magic (0x08 = ubyte, then the rank), the dims
+    big-endian, the bytes. For tests that need small or broken MNIST files of their own."""
+    header = struct.pack(">i", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
 
 
 # --- networks and model repositories ----------------------------------------------------------
@@ -82,20 +66,17 @@ def train_quickly(
     activation: str = "relu",
     init: str = "he",
     lr: float = 0.5,
-    seconds: float | None = None,
 ) -> network.Network:
     """A small 784-hidden-10 softmax network by plain minibatch SGD through core.network.backprop,
-    in seconds: real enough that recognising digits is a real test, without the trainer (torch).
+    in seconds: real enough that recognising digits is a real test, without the trainer.
 
-    `seconds` bounds the time rather than the epochs (on a busy host an epoch takes much
-    longer), but never stops before half an epoch."""
+    Deterministic: a fixed seed and a fixed number of steps (`epochs` over `images` in batches of
+    100), never a time budget, so the same call gives the same weights on any host, busy or not."""
     rng = np.random.default_rng(0)
     net = network.new_network([784, hidden, 10], [activation, "softmax"], "cross_entropy", rng, init=init)
     x = to_vectors(images)
     y = network.one_hot(labels)
     batch = 100
-    deadline = None if seconds is None else time.monotonic() + seconds
-    seen = 0
     # One BLAS thread: small matrices run up to 15x slower when BLAS threads oversubscribe the cores.
     with threadpool_limits(1):
         for _ in range(epochs):
@@ -107,9 +88,6 @@ def train_quickly(
                     [w - (lr / len(idx)) * g for w, g in zip(net.weights, gw, strict=True)],
                     [b - (lr / len(idx)) * g for b, g in zip(net.biases, gb, strict=True)],
                 )
-                seen += len(idx)
-                if deadline is not None and time.monotonic() > deadline and seen >= len(x) // 2:
-                    return net
     return net
 
 
@@ -122,6 +100,19 @@ def publish(models_dir: Path, net: network.Network, accuracy: float = 0.99, name
     accuracy passes the promotion gate (PROMOTION=gate, MIN_ACCURACY 0.98) over an equal one, so
     tests of reloading see a new version go live; tests of the gate pass a worse one."""
     return modelstore.publish(models_dir, name, net, {"metrics": {"test_accuracy": accuracy}})
+
+
+# --- the app, without a server ----------------------------------------------------------------
+
+
+def make_app(models_dir: Path, **config: object) -> Flask:
+    """The app serving `models_dir`, never polling: a test that wants a new state builds a new app."""
+    return create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0, **config})
+
+
+def make_client(models_dir: Path, **config: object) -> FlaskClient:
+    """Flask's test client on `make_app(models_dir, **config)` (the app is `client.application`)."""
+    return make_app(models_dir, **config).test_client()
 
 
 # --- request bodies ---------------------------------------------------------------------------
@@ -179,21 +170,11 @@ def child_pids(pid: int) -> set[int]:
     return children
 
 
-def stop(proc: subprocess.Popen, timeout: float = 15) -> int:
-    """SIGTERM (gunicorn's graceful stop), then SIGKILL if it hangs; the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
 @dataclass
 class Server:
-    """A started gunicorn; as a context manager it is stopped on exit."""
+    """A started gunicorn. The one way a test stops it is leaving `with start_gunicorn(...) as server:`
+    (the `gunicorn` fixture does it for the servers it starts); tests of TERM and HUP send their
+    signal to `proc` themselves."""
 
     proc: subprocess.Popen
     url: str
@@ -210,8 +191,16 @@ class Server:
         """The server's stdout+stderr so far, line by line (the JSON logs)."""
         return self.logs().splitlines()
 
-    def stop(self) -> int:
-        return stop(self.proc)
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM (gunicorn's graceful stop), then SIGKILL if it hangs; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
 
     def wait_workers(self, n: int, exclude: set[int] = frozenset(), timeout: float = 20) -> set[int]:
         """Wait until n workers not in `exclude` are alive and the server answers."""
@@ -235,7 +224,7 @@ class Server:
 def start_gunicorn(models_dir: Path, log_dir: Path, ready: bool = True, **env: str) -> Server:
     """Start `gunicorn -c gunicorn.conf.py service.wsgi:app` (as `make serve` and the image do) on
     a free port and wait for /readyz (or /healthz) and its 2 workers. `env` overrides the settings.
-    The caller must stop it: `server.stop()`, or `with start_gunicorn(...) as server:`."""
+    Use it as `with start_gunicorn(...) as server:`, which stops it however the block ends."""
     port = free_port()
     log = log_dir / "server.log"
     full_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -273,6 +262,6 @@ def start_gunicorn(models_dir: Path, log_dir: Path, ready: bool = True, **env: s
             time.sleep(0.1)
         server.wait_workers(int(full_env["WEB_CONCURRENCY"]))
     except BaseException:
-        stop(proc)
+        server.stop()
         raise
     return server

@@ -52,7 +52,7 @@ def rescore(
         version = versions[-1]
     model = modelstore.load(models_dir, name, version)
     result = metrics(model.net, images, labels)
-    recorded = model.metadata.get("metrics", {}).get("test_accuracy")
+    recorded = modelstore.recorded_accuracy(model.metadata)
     out = {"name": name, "version": model.version, "path": str(model.path), "recorded": recorded, **result}
     if feedback_dir is not None:
         holdout_images, holdout_labels = load_corrections(feedback_dir).holdout_part()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from tests.helpers import ROOT, SHIPPED_VERSION, load_mnist, png_bytes
+from core import mnist as mnist_files
+from tests.helpers import ROOT, SHIPPED_VERSION, png_bytes
 
 DESKTOP = {"width": 1200, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -102,7 +103,7 @@ def test_clear_resets_the_page(page):
 
 
 def test_upload_and_drop_a_png(page, artifacts, data_dir):
-    mnist = load_mnist(data_dir)
+    mnist = mnist_files.load(data_dir)
     # Two MNIST test digits that differ, light on dark as MNIST stores them.
     first, second = 0, next(i for i in range(1, 100) if mnist.test_labels[i] != mnist.test_labels[0])
     label_a, label_b = str(mnist.test_labels[first]), str(mnist.test_labels[second])

@@ -200,13 +200,13 @@ import os, sys, time
 import numpy as np
 from core import modelstore as ms
 from core.network import new_network
-real = ms._write_synced
+real = ms.write_synced
 def slow(path, data):
     real(path, data)
     if path.name == ms.WEIGHTS_FILE:
         print("written", flush=True)
         time.sleep(60)  # killed here: weights are on disk, model.json is not, no rename yet
-ms._write_synced = slow
+ms.write_synced = slow
 net = new_network([784, 8, 10], ["relu", "softmax"], "cross_entropy", np.random.default_rng(0), "he")
 ms.publish(sys.argv[1], "mnist", net, {})
 """
@@ -230,3 +230,24 @@ def test_sigkill_midway_leaves_nothing_that_looks_like_a_version(tmp_path):
     # the next publisher is unaffected by the debris and gets version 1
     assert ms.publish(tmp_path, "mnist", _net(), {}) == 1
     assert ms.load(tmp_path, "mnist", 1).version == 1
+
+
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [
+        ({"metrics": {"test_accuracy": 0.9916}}, 0.9916),
+        ({"metrics": {"test_accuracy": 1}}, 1.0),
+        ({"metrics": {"test_accuracy": 0}}, 0.0),
+        ({"metrics": {"test_accuracy": True}}, None),  # JSON true is an int to Python, not an accuracy
+        ({"metrics": {"test_accuracy": float("nan")}}, None),
+        ({"metrics": {"test_accuracy": float("inf")}}, None),
+        ({"metrics": {"test_accuracy": 99.16}}, None),  # a percentage, not a fraction
+        ({"metrics": {"test_accuracy": -0.1}}, None),
+        ({"metrics": {"test_accuracy": "0.99"}}, None),
+        ({"metrics": "0.99"}, None),
+        ({}, None),
+    ],
+)
+def test_recorded_accuracy_is_a_number_in_0_1_or_none(meta, expected):
+    got = ms.recorded_accuracy(meta)
+    assert got == expected and (got is None or type(got) is float)

@@ -16,23 +16,20 @@ Environment (default):
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
-from tests.helpers import free_port, read_idx
-from trainer.data import RAW_FILES
+from core import mnist
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
@@ -172,84 +169,19 @@ class Stack:
         return versions
 
 
-@dataclass
-class Clients:
-    """`n` clients, each posting one PNG to /predict in a loop on its own keep-alive connection,
-    recording every outcome: (wall time, status | exception name, model version | None, seconds)."""
-
-    url: str
-    body: bytes
-    n: int = 1
-    pause: float = 0.1
-    timeout: float = 30
-    outcomes: list = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list = field(default_factory=list)
-
-    def __enter__(self) -> Clients:
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.n)]
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(self.timeout + 30)
-
-    def _run(self) -> None:
-        with requests.Session() as http:
-            while not self._stop.is_set():
-                t, t0 = time.time(), time.perf_counter()  # wall clock: compared with file mtimes
-                try:
-                    r = http.post(
-                        f"{self.url}/predict",
-                        data=self.body,
-                        headers={"Content-Type": "image/png"},
-                        timeout=self.timeout,
-                    )
-                    version = r.json().get("model", {}).get("version") if r.status_code == 200 else None
-                    self.outcomes.append((t, r.status_code, version, time.perf_counter() - t0))
-                except requests.RequestException as e:
-                    self.outcomes.append((t, type(e).__name__, None, time.perf_counter() - t0))
-                self._stop.wait(self.pause)
-
-    def wait_for(self, n: int, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.outcomes) < n and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(self.outcomes) >= n, f"the clients got only {len(self.outcomes)} answers in {timeout} s"
-
-    def failures(self) -> list:
-        return [o for o in self.outcomes if o[1] != 200]
-
-    def summary(self) -> str:
-        slowest = max((o[3] for o in self.outcomes), default=0.0) * 1000
-        return f"{len(self.outcomes)} requests, {len(self.failures())} failed, slowest {slowest:.0f} ms"
-
-    def p99(self) -> float:
-        seconds = sorted(o[3] for o in self.outcomes)
-        return seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))]
-
-
 def mnist_test_sample(repo: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random sample of `n` MNIST test images (uint8, 28×28) and labels, from a clone's ./data."""
-    raw = repo / "data" / "MNIST" / "raw"
-    images, labels = read_idx(raw / "t10k-images-idx3-ubyte"), read_idx(raw / "t10k-labels-idx1-ubyte")
+    images, labels = mnist.read(repo / "data", "test_images"), mnist.read(repo / "data", "test_labels")
     idx = np.random.default_rng(0).choice(len(images), n, replace=False)
     return images[idx], labels[idx]
 
 
 def fill_mnist(data_dir: Path) -> None:
-    """DATA_DIR/MNIST/raw from ../shared/datasets/mnist, where torchvision looks first."""
-    raw = data_dir / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
+    """DATA_DIR/MNIST/raw from ../shared/datasets/mnist (core.mnist.unpack, as `make data` does)."""
     source = Path(os.environ.get("MNIST_FILES", SHARED / "datasets" / "mnist"))
     if not source.is_dir():
         pytest.fail(f"no MNIST files in {source}: set MNIST_FILES to the folder with the *-ubyte.gz files")
-    for name in RAW_FILES:
-        with gzip.open(source / f"{name}.gz", "rb") as src, open(raw / name, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    mnist.unpack(source, data_dir)
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,9 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.e2e.conftest import Clients, Stack, Timer, mnist_test_sample
+from tests.e2e.conftest import Stack, Timer, mnist_test_sample
 from tests.helpers import SHIPPED_MODEL, SHIPPED_VERSION
+from tests.load import Load, rest
 
 N_IMAGES = 1000  # enough for the accuracy check to mean something (> 98 %)
 MAX_CONTENT_LENGTH = 4 * 1024 * 1024  # the service's default (service/app.py) = nginx's client_max_body_size
@@ -319,7 +320,7 @@ def test_trainer_container_publishes_a_version_held_then_promoted(
     with timer.step("build the trainer image"):
         stack.compose("--profile", "train", "build", "trainer", timeout=1800)
 
-    with Clients(stack.url, png(test_set[0][0])) as client:
+    with Load(rest(stack.url, png(test_set[0][0])), n=1, pause=0.1) as client:
         client.wait_for(5)
         with timer.step("trainer container: train --epochs 1 on the full data"):
             run = stack.compose(
@@ -345,7 +346,7 @@ def test_trainer_container_publishes_a_version_held_then_promoted(
             headers={"Content-Type": "image/png"}, timeout=30,
         )  # fmt: skip
         assert r.status_code == 200 and r.json()["model"]["version"] == new  # held, yet reachable
-        early_new = [o for o in client.outcomes if o[2] == new]
+        early_new = [o for o in client.outcomes if o.version == new]
         assert not early_new, f"unpinned answers from the held version {new}: {early_new[:5]}"
 
         # Promoted by hand on the host: the CLI writes ./models/mnist/labels.json, every replica follows.
@@ -367,11 +368,11 @@ def test_trainer_container_publishes_a_version_held_then_promoted(
     status = requests.get(f"{stack.url}/models", timeout=10).json()
     assert status["serving"] == new and status["labels"]["stable"] == new, status
     assert set(stack.replica_versions().values()) == {new}, "a replica did not switch"
-    failures = [o for o in client.outcomes if o[1] != 200]
+    failures = [o for o in client.outcomes if o.status != 200]
     assert not failures, f"{len(failures)} failed requests during the switch: {failures[:5]}"
-    late_old = [o for o in client.outcomes if o[0] > deadline and o[2] != new]
+    late_old = [o for o in client.outcomes if o.started > deadline and o.version != new]
     assert not late_old, f"answers from version {old} after the poll interval: {late_old[:5]}"
-    first_new = min(o[0] for o in client.outcomes if o[2] == new)
+    first_new = min(o.started for o in client.outcomes if o.version == new)
     assert first_new > promoted - 1, "the held version answered unpinned requests before its promotion"
     assert started(stack) == before, "an api container restarted"
     timer.note(

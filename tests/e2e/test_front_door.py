@@ -31,7 +31,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.e2e.conftest import API_REPLICAS, Clients, Stack, Timer
+from tests.e2e.conftest import API_REPLICAS, Stack, Timer
+from tests.load import Load, rest
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -62,8 +63,8 @@ def digit_png(stack: Stack) -> bytes:
     return path.read_bytes()
 
 
-def measure(stack: Stack, body: bytes, seconds: float, n: int = 4) -> Clients:
-    with Clients(stack.url, body, n=n, pause=0.01) as clients:
+def measure(stack: Stack, body: bytes, seconds: float, n: int = 4) -> Load:
+    with Load(rest(stack.url, body), n=n, pause=0.01) as clients:
         time.sleep(seconds)
     return clients
 
@@ -106,7 +107,7 @@ async def _hold_slow_clients(port: int, seconds: float, opened: list, closed: li
 def test_slow_clients_cost_normal_clients_nothing(stack: Stack, digit_png: bytes, timer: Timer) -> None:
     measure(stack, digit_png, 1.0)  # warm up
     unloaded = measure(stack, digit_png, 3.0)
-    assert not unloaded.failures(), unloaded.failures()[:5]
+    assert not unloaded.failures, unloaded.failures[:5]
 
     opened: list[int] = []
     closed: list[int] = []
@@ -124,7 +125,7 @@ def test_slow_clients_cost_normal_clients_nothing(stack: Stack, digit_png: bytes
 
     assert len(opened) == SLOW_HEADERS + SLOW_BODIES, f"only {len(opened)} slow connections opened"
     assert still_open >= 0.95 * len(opened), f"only {still_open} slow connections were held open"
-    assert not loaded.failures(), f"{len(loaded.failures())} failed: {loaded.failures()[:5]}"
+    assert not loaded.failures, f"{len(loaded.failures)} failed: {loaded.failures[:5]}"
     bound = max(5 * unloaded.p99(), 0.1)
     timer.note(
         f"slow clients: {SLOW_HEADERS} trickling headers + {SLOW_BODIES} trickling bodies held open; "
@@ -207,7 +208,7 @@ def upstreams(stack: Stack, rid_prefix: str) -> set[str]:
 def test_scaling_is_followed_without_restarting_nginx(stack: Stack, digit_png: bytes, timer: Timer) -> None:
     (nginx,) = stack.containers("nginx")
     started_at = stack.inspect(nginx)["State"]["StartedAt"]
-    with Clients(stack.url, digit_png, n=4, pause=0.01) as clients:
+    with Load(rest(stack.url, digit_png), n=4, pause=0.01) as clients:
         clients.wait_for(20)
         stack.compose("up", "-d", "--no-recreate", "--wait", "--scale", f"api={API_REPLICAS + 1}")
         stack.wait_healthy(replicas=API_REPLICAS + 1)
@@ -225,7 +226,7 @@ def test_scaling_is_followed_without_restarting_nginx(stack: Stack, digit_png: b
     timer.note(f"scale {API_REPLICAS} -> {API_REPLICAS + 1} -> {API_REPLICAS}: {clients.summary()}")
     assert len(spread) == API_REPLICAS + 1, f"nginx used {spread}"
     assert stack.inspect(nginx)["State"]["StartedAt"] == started_at, "nginx was restarted"
-    assert not clients.failures(), clients.failures()[:5]
+    assert not clients.failures, clients.failures[:5]
 
 
 # --- crash -------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ KILL_GUNICORN = (
 
 def test_a_killed_replica_costs_no_request(stack: Stack, digit_png: bytes, timer: Timer) -> None:
     first, second = sorted(stack.containers("api"))[:2]
-    with Clients(stack.url, digit_png, n=4, pause=0.01) as clients:
+    with Load(rest(stack.url, digit_png), n=4, pause=0.01) as clients:
         clients.wait_for(20)
         # `docker kill` is a stop by hand for Docker: no restart policy restarts it, compose does.
         subprocess.run(["docker", "kill", first], check=True, capture_output=True, timeout=60)
@@ -260,7 +261,7 @@ def test_a_killed_replica_costs_no_request(stack: Stack, digit_png: bytes, timer
     assert stack.inspect(second)["RestartCount"] == restarts + 1, "the crashed replica was not restarted"
     assert stack.inspect(first)["State"]["Running"], "compose did not bring the killed replica back"
     timer.note(f"replica killed, then one crashed: {clients.summary()}")
-    assert not clients.failures(), clients.failures()[:5]
+    assert not clients.failures, clients.failures[:5]
 
 
 def test_with_no_replica_every_route_answers_503_json_with_retry_after(
@@ -294,7 +295,7 @@ def test_make_rollout_replaces_every_replica_with_no_failed_request(
     stack: Stack, digit_png: bytes, timer: Timer
 ) -> None:
     before = set(stack.containers("api"))
-    with Clients(stack.url, digit_png, n=4, pause=0.01) as clients:
+    with Load(rest(stack.url, digit_png), n=4, pause=0.01) as clients:
         clients.wait_for(20)
         with timer.step("make rollout under load"):
             run = subprocess.run(
@@ -308,7 +309,7 @@ def test_make_rollout_replaces_every_replica_with_no_failed_request(
     assert len(after) == API_REPLICAS and not after & before, (before, after)
     stack.wait_healthy(replicas=API_REPLICAS)
     timer.note(f"make rollout: {clients.summary()}")
-    assert not clients.failures(), clients.failures()[:5]
+    assert not clients.failures, clients.failures[:5]
 
 
 # --- hot swap ----------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ def test_a_new_version_reaches_every_replica_with_no_failed_request(
     old = requests.get(f"{stack.url}/readyz", timeout=10).json()["model"]["version"]
     root = stack.repo / "models" / "mnist"
     new = max(int(p.name) for p in root.iterdir() if p.name.isdigit()) + 1
-    with Clients(stack.url, digit_png, n=4, pause=0.01) as clients:
+    with Load(rest(stack.url, digit_png), n=4, pause=0.01) as clients:
         clients.wait_for(20)
         tmp = root / f".tmp-e2e-{new}"
         shutil.copytree(root / str(old), tmp)
@@ -335,8 +336,8 @@ def test_a_new_version_reaches_every_replica_with_no_failed_request(
         time.sleep(max(0.0, deadline - time.time()) + 1)
     versions = stack.replica_versions()
     assert set(versions.values()) == {new}, versions
-    failures = clients.failures()
-    late = [o for o in clients.outcomes if o[0] > deadline and o[2] != new]
+    failures = clients.failures
+    late = [o for o in clients.outcomes if o.started > deadline and o.version != new]
     timer.note(
         f"hot swap {old} -> {new}: every replica within {switched:.1f} s (poll "
         f"{stack.poll_seconds} s), {len(clients.outcomes)} requests, {len(failures)} failed"

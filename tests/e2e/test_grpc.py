@@ -9,15 +9,15 @@ import requests
 import tritonclient.grpc as tgrpc
 from tritonclient.utils import InferenceServerException
 
+from core import mnist
 from tests.e2e.conftest import Stack
-from tests.helpers import read_idx
 
 pytestmark = pytest.mark.timeout(900)
 
 
 def test_model_infer_through_nginx_matches_rest(stack: Stack) -> None:
-    images = read_idx(stack.repo / "data" / "MNIST" / "raw" / "t10k-images-idx3-ubyte")[:64]
-    labels = read_idx(stack.repo / "data" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")[:64]
+    images = mnist.read(stack.repo / "data", "test_images")[:64]
+    labels = mnist.read(stack.repo / "data", "test_labels")[:64]
     client = tgrpc.InferenceServerClient(stack.grpc_target)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mnist")
 

@@ -35,8 +35,9 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.e2e.conftest import ROOT, SHARED, Clients, Timer, fill_mnist, free_port, mnist_test_sample
+from tests.e2e.conftest import ROOT, SHARED, Timer, fill_mnist, free_port, mnist_test_sample
 from tests.helpers import SHIPPED_VERSION
+from tests.load import Load, rest
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -311,16 +312,16 @@ def digit_png(test_set: tuple[np.ndarray, np.ndarray]) -> bytes:
     return png(test_set[0][0])
 
 
-def under_load(swarm: Swarm, body: bytes) -> Clients:
+def under_load(swarm: Swarm, body: bytes) -> Load:
     """4 clients posting back to back, as in test_front_door.py."""
-    return Clients(swarm.url, body, n=4, pause=0.01)
+    return Load(rest(swarm.url, body), n=4, pause=0.01)
 
 
-def report(timer: Timer, what: str, clients: Clients) -> list:
-    failures = clients.failures()
+def report(timer: Timer, what: str, clients: Load) -> list:
+    failures = clients.failures
     timer.note(
         f"{what}: {len(clients.outcomes)} requests, {len(failures)} failed, "
-        f"slowest {max(o[3] for o in clients.outcomes) * 1000:.0f} ms"
+        f"slowest {max(o.seconds for o in clients.outcomes) * 1000:.0f} ms"
     )
     return failures
 
@@ -501,7 +502,7 @@ def test_a_new_version_in_the_models_volume_reaches_every_task(
         n = len(clients.outcomes)
         clients.wait_for(n + 20)
     assert set(versions.values()) == {new} and len(versions) == API_REPLICAS, versions
-    answered = {o[2] for o in clients.outcomes if o[1] == 200 and o[0] > deadline}
+    answered = {o.version for o in clients.outcomes if o.status == 200 and o.started > deadline}
     assert answered == {new}, f"nginx still answers from {answered} after the poll interval"
     failures = report(timer, f"new version {old} -> {new} on every task within {switched:.1f} s", clients)
     assert not failures, f"{len(failures)} failed requests: {failures[:5]}"

@@ -13,18 +13,7 @@ import pytest
 from core import network
 from core.preprocess import to_vectors
 from core.settings import Settings
-from service.app import create_app
-from tests.helpers import bomb_png, png_bytes, publish, random_net
-
-
-def make_client(models_dir: Path, **config):
-    app = create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0, **config})
-    return app, app.test_client()
-
-
-@pytest.fixture
-def client(models_dir: Path):
-    return make_client(models_dir)[1]
+from tests.helpers import bomb_png, make_client, png_bytes, publish, random_net
 
 
 def assert_error(response, status: int, code: str | None = None) -> dict:
@@ -90,19 +79,19 @@ def test_readyz_with_model(client):
 
 
 def test_readyz_without_model_is_503_with_reason(tmp_path):
-    _, client = make_client(tmp_path / "empty")
+    client = make_client(tmp_path / "empty")
     body = assert_error(client.get("/readyz"), 503, "not_ready")
     assert "no model versions" in body["error"]["message"]
     assert client.get("/healthz").status_code == 200
     assert_error(client.post("/predict", json={"image": [0] * 784}), 503, "no_model")
 
 
-def test_models_lists_versions_metadata_and_rejections(models_dir: Path):
-    publish(models_dir, random_net(2), accuracy=0.995)
-    bad = models_dir / "mnist" / "3"
-    shutil.copytree(models_dir / "mnist" / "1", bad)
+def test_models_lists_versions_metadata_and_rejections(random_models_dir: Path):
+    publish(random_models_dir, random_net(2), accuracy=0.995)
+    bad = random_models_dir / "mnist" / "3"
+    shutil.copytree(random_models_dir / "mnist" / "1", bad)
     (bad / "weights.npz").write_bytes(b"tampered")
-    _, client = make_client(models_dir)
+    client = make_client(random_models_dir)
     body = client.get("/models").get_json()
     assert body["name"] == "mnist" and body["serving"] == 2 and body["ready"] is True
     by_version = {v["version"]: v for v in body["versions"]}
@@ -116,7 +105,7 @@ def test_models_lists_versions_metadata_and_rejections(models_dir: Path):
 
 
 def test_png_prediction_matches_offline(mnist, trained_models_dir: Path, trained_net):
-    _, client = make_client(trained_models_dir)
+    client = make_client(trained_models_dir)
     images = mnist.test_images[:20]
     offline = network.predict(trained_net, to_vectors(images))
     # The same image through the same functions gives the same bits. (A batch of 20 may differ in
@@ -149,7 +138,7 @@ def test_jpeg_and_other_formats(client, mnist):
 
 
 def test_multipart_single_and_batch(mnist, trained_models_dir, trained_net):
-    _, client = make_client(trained_models_dir)
+    client = make_client(trained_models_dir)
     images = mnist.test_images[:5]
     r = client.post("/predict", data={"image": (io.BytesIO(png_bytes(images[0])), "0.png")})
     assert r.status_code == 200 and "digit" in r.get_json()
@@ -168,7 +157,7 @@ def test_multipart_without_image_field(client):
 
 
 def test_json_image_28x28_and_flat(mnist, trained_models_dir, trained_net):
-    _, client = make_client(trained_models_dir)
+    client = make_client(trained_models_dir)
     image = mnist.test_images[3]
     expected = network.probabilities(trained_net, to_vectors(image))[0].tolist()
     for payload in (image.tolist(), image.reshape(-1).tolist(), (image / 1.0).tolist()):
@@ -177,7 +166,7 @@ def test_json_image_28x28_and_flat(mnist, trained_models_dir, trained_net):
 
 
 def test_json_instances_batch_in_order(mnist, trained_models_dir, trained_net):
-    _, client = make_client(trained_models_dir)
+    client = make_client(trained_models_dir)
     images = mnist.test_images[:64]
     r = client.post("/predict", json={"instances": images.tolist()})
     body = r.get_json()
@@ -190,8 +179,9 @@ def test_json_instances_batch_in_order(mnist, trained_models_dir, trained_net):
     assert flat["predictions"] == body["predictions"]
 
 
-def test_g_predicted_digits_is_set(models_dir, mnist):
-    app, client = make_client(models_dir)
+def test_g_predicted_digits_is_set(random_models_dir, mnist):
+    client = make_client(random_models_dir)
+    app = client.application
     seen = []
 
     @app.after_request
@@ -205,9 +195,9 @@ def test_g_predicted_digits_is_set(models_dir, mnist):
     assert seen[-1] == [p["digit"] for p in body["predictions"]]
 
 
-def test_version_pinning(models_dir, mnist):
-    publish(models_dir, random_net(7))
-    _, client = make_client(models_dir)
+def test_version_pinning(random_models_dir, mnist):
+    publish(random_models_dir, random_net(7))
+    client = make_client(random_models_dir)
     data = png_bytes(mnist.test_images[0])
     assert client.post("/predict", data=data, content_type="image/png").get_json()["model"]["version"] == 2
     r = client.post("/predict?version=1", data=data, content_type="image/png")
@@ -225,18 +215,18 @@ def test_malformed_versions_are_refused(client, mnist, version):
     assert_error(r, 400, "invalid_version")
 
 
-def test_model_version_env_pins(models_dir, mnist):
-    publish(models_dir, random_net(7))
-    _, client = make_client(models_dir, MODEL_VERSION=1)
+def test_model_version_env_pins(random_models_dir, mnist):
+    publish(random_models_dir, random_net(7))
+    client = make_client(random_models_dir, MODEL_VERSION=1)
     assert client.get("/readyz").get_json()["model"]["version"] == 1
-    _, client = make_client(models_dir, MODEL_VERSION=5)
+    client = make_client(random_models_dir, MODEL_VERSION=5)
     assert "MODEL_VERSION=5" in assert_error(client.get("/readyz"), 503)["error"]["message"]
 
 
 def test_sigmoid_model_probabilities_sum_to_one(tmp_path, mnist):
     net = network.new_network([784, 20, 10], ["sigmoid", "sigmoid"], "quadratic", np.random.default_rng(3))
     publish(tmp_path / "m", net)
-    _, client = make_client(tmp_path / "m")
+    client = make_client(tmp_path / "m")
     body = client.post("/predict", json={"image": mnist.test_images[0].tolist()}).get_json()
     assert_prediction(body)
     assert body["digit"] == int(network.predict(net, to_vectors(mnist.test_images[0]))[0])
@@ -271,8 +261,8 @@ def test_405_wrong_method(client, method):
     assert_error(client.post("/healthz"), 405)
 
 
-def test_413_body_too_large(models_dir):
-    _, client = make_client(models_dir, MAX_CONTENT_LENGTH=1000)
+def test_413_body_too_large(random_models_dir):
+    client = make_client(random_models_dir, MAX_CONTENT_LENGTH=1000)
     assert_error(
         client.post("/predict", data=b"\0" * 1001, content_type="image/png"), 413, "payload_too_large"
     )
@@ -282,8 +272,8 @@ def test_413_body_too_large(models_dir):
     assert_error(r, 413)
 
 
-def test_413_batch_over_max_batch(models_dir, mnist):
-    _, client = make_client(models_dir, MAX_BATCH=4)
+def test_413_batch_over_max_batch(random_models_dir, mnist):
+    client = make_client(random_models_dir, MAX_BATCH=4)
     assert client.post("/predict", json={"instances": mnist.test_images[:4].tolist()}).status_code == 200
     r = client.post("/predict", json={"instances": mnist.test_images[:5].tolist()})
     assert_error(r, 413, "batch_too_large")
@@ -345,8 +335,9 @@ def test_400_json_values(client):
     assert_error(client.post("/predict", json={"instances": [[0] * 784, [0] * 783]}), 400, "wrong_shape")
 
 
-def test_unexpected_exception_is_generic_json_500(models_dir, caplog):
-    app, client = make_client(models_dir)
+def test_unexpected_exception_is_generic_json_500(random_models_dir, caplog):
+    client = make_client(random_models_dir)
+    app = client.application
 
     @app.get("/boom")
     def boom():

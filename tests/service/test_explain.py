@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,24 +11,9 @@ import requests
 from core import network
 from core.preprocess import to_vectors
 from service import imaging, inference
-from service.app import create_app
-from tests.helpers import png_bytes
+from tests.helpers import make_client, png_bytes
 
 EXPLAIN_URLS = ("/explain", "/predict?explain=1", "/predict?explain=true")
-
-
-def make_client(models_dir: Path, **config):
-    return create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0, **config}).test_client()
-
-
-@pytest.fixture
-def client(models_dir: Path):
-    return make_client(models_dir)
-
-
-@pytest.fixture(scope="module")
-def trained_client(trained_models_dir: Path):
-    return make_client(trained_models_dir)
 
 
 def bodies(image: np.ndarray) -> dict[str, dict]:
@@ -174,8 +158,8 @@ def test_bad_input_is_the_same_4xx_as_predict(client, query, kwargs):
         assert (got.status_code, got.get_json()) == (want.status_code, want.get_json()), url
 
 
-def test_413_and_503_are_the_same_as_predict(models_dir, tmp_path, mnist):
-    small = make_client(models_dir, MAX_CONTENT_LENGTH=1000)
+def test_413_and_503_are_the_same_as_predict(random_models_dir, tmp_path, mnist):
+    small = make_client(random_models_dir, MAX_CONTENT_LENGTH=1000)
     big = {
         "data": png_bytes(np.random.default_rng(0).integers(0, 256, (64, 64))),
         "content_type": "image/png",

@@ -21,19 +21,16 @@ from core import feedback, network
 from core.preprocess import to_vectors
 from core.settings import Settings
 from service import imaging
-from service.app import create_app
-from tests.helpers import ROOT, png_bytes, publish, random_net
+from tests.helpers import ROOT, make_client, png_bytes, publish, random_net
 from tests.segment_digits import sample
 
 SCHEMA = json.loads((ROOT / "schemas" / "feedback-record.v1.json").read_text())
 VALIDATOR = Draft202012Validator(SCHEMA, format_checker=FormatChecker())
 
 
-def make_client(models_dir: Path, fb: Path | None, **config):
-    settings = {"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0, **config}
-    if fb is not None:
-        settings["FEEDBACK_DIR"] = str(fb)
-    return create_app(settings).test_client()
+def feedback_client(models_dir: Path, fb: Path | None, **config):
+    """make_client with FEEDBACK_DIR=fb (None: feedback off)."""
+    return make_client(models_dir, **config, **({} if fb is None else {"FEEDBACK_DIR": str(fb)}))
 
 
 def stored(fb: Path) -> list[dict]:
@@ -86,9 +83,9 @@ def _forms(image: np.ndarray):
 
 
 @pytest.mark.parametrize("form", ["png", "octet-stream", "drawn", "multipart", "json", "json-flat"])
-def test_every_body_form_is_stored_scored_and_valid(models_dir, tmp_path, digit_image, form):
+def test_every_body_form_is_stored_scored_and_valid(random_models_dir, tmp_path, digit_image, form):
     kwargs, query, raw, expected_input = _forms(digit_image)[form]
-    client = make_client(models_dir, tmp_path / "fb")
+    client = feedback_client(random_models_dir, tmp_path / "fb")
     r = client.post("/feedback" + query + ("&" if query else "?") + "request_id=abc-1&predicted=7", **kwargs)
     assert r.status_code == 201, r.get_json()
     body = r.get_json()
@@ -114,9 +111,9 @@ def test_every_body_form_is_stored_scored_and_valid(models_dir, tmp_path, digit_
         assert base64.b64decode(d["image"]["base64"]) == raw and d["image"]["bytes"] == len(raw)
 
 
-def test_an_image_over_the_kept_size_keeps_its_size_and_hash(models_dir, tmp_path, digit_image):
+def test_an_image_over_the_kept_size_keeps_its_size_and_hash(random_models_dir, tmp_path, digit_image):
     png = png_bytes(digit_image)
-    client = make_client(models_dir, tmp_path, FEEDBACK_IMAGE_MAX_BYTES=len(png) - 1)
+    client = feedback_client(random_models_dir, tmp_path, FEEDBACK_IMAGE_MAX_BYTES=len(png) - 1)
     r = client.post("/feedback?digit=1", data=png, content_type="image/png")
     assert r.status_code == 201
     [event] = stored(tmp_path)
@@ -148,8 +145,8 @@ def test_an_image_over_the_kept_size_keeps_its_size_and_hash(models_dir, tmp_pat
         ("?digit=3&preprocess=maybe", None, "invalid_preprocess"),
     ],
 )
-def test_bad_fields_are_400_and_store_nothing(models_dir, tmp_path, digit_image, query, doc, code):
-    client = make_client(models_dir, tmp_path)
+def test_bad_fields_are_400_and_store_nothing(random_models_dir, tmp_path, digit_image, query, doc, code):
+    client = feedback_client(random_models_dir, tmp_path)
     if doc is None:
         r = client.post("/feedback" + query, data=png_bytes(digit_image), content_type="image/png")
     else:
@@ -168,14 +165,14 @@ def test_bad_fields_are_400_and_store_nothing(models_dir, tmp_path, digit_image,
         ({"json": {"image": [[300] * 28] * 28, "digit": 3}}, 400, "out_of_range"),
     ],
 )
-def test_bad_images_get_predicts_errors_and_store_nothing(models_dir, tmp_path, kwargs, status, code):
-    r = make_client(models_dir, tmp_path).post("/feedback", **kwargs)
+def test_bad_images_get_predicts_errors_and_store_nothing(random_models_dir, tmp_path, kwargs, status, code):
+    r = feedback_client(random_models_dir, tmp_path).post("/feedback", **kwargs)
     assert_error(r, status, code)
     assert stored(tmp_path) == []
 
 
-def test_a_batch_is_refused(models_dir, tmp_path, digit_image):
-    client = make_client(models_dir, tmp_path)
+def test_a_batch_is_refused(random_models_dir, tmp_path, digit_image):
+    client = feedback_client(random_models_dir, tmp_path)
     png = png_bytes(digit_image)
     r = client.post(
         "/feedback?digit=1",
@@ -188,16 +185,18 @@ def test_a_batch_is_refused(models_dir, tmp_path, digit_image):
     assert stored(tmp_path) == []
 
 
-def test_without_feedback_dir_the_route_says_so_and_nothing_else_changes(models_dir, tmp_path, digit_image):
+def test_without_feedback_dir_the_route_says_so_and_nothing_else_changes(
+    random_models_dir, tmp_path, digit_image
+):
     assert Settings.from_env({}).feedback_dir is None
-    off = make_client(models_dir, None)
+    off = feedback_client(random_models_dir, None)
     r = off.post("/feedback?digit=1", data=png_bytes(digit_image), content_type="image/png")
     assert_error(r, 404, "feedback_off")
     assert "FEEDBACK_DIR" in r.get_json()["error"]["message"]
     models = off.get("/models").get_json()
     assert all("live" not in v for v in models["versions"])
     assert "mnist_feedback" not in off.get("/metrics").get_data(as_text=True)
-    on = make_client(models_dir, tmp_path / "fb")
+    on = feedback_client(random_models_dir, tmp_path / "fb")
     # /predict answers the same with feedback on or off.
     a = off.post("/predict", data=png_bytes(digit_image), content_type="image/png").get_json()
     b = on.post("/predict", data=png_bytes(digit_image), content_type="image/png").get_json()
@@ -205,8 +204,8 @@ def test_without_feedback_dir_the_route_says_so_and_nothing_else_changes(models_
     assert not (tmp_path / "fb").exists()  # nothing is created until a record is written
 
 
-def test_the_size_cap_is_a_507_and_the_stored_lines_stay_whole(models_dir, tmp_path, digit_image):
-    client = make_client(models_dir, tmp_path, FEEDBACK_MAX_BYTES=12_000)
+def test_the_size_cap_is_a_507_and_the_stored_lines_stay_whole(random_models_dir, tmp_path, digit_image):
+    client = feedback_client(random_models_dir, tmp_path, FEEDBACK_MAX_BYTES=12_000)
     statuses = []
     for _ in range(10):
         r = client.post("/feedback?digit=1", data=png_bytes(digit_image), content_type="image/png")
@@ -218,18 +217,18 @@ def test_the_size_cap_is_a_507_and_the_stored_lines_stay_whole(models_dir, tmp_p
     assert feedback.folder_bytes(tmp_path) <= 12_000
 
 
-def test_an_unwritable_folder_is_a_503_with_the_reason(models_dir, tmp_path, digit_image):
+def test_an_unwritable_folder_is_a_503_with_the_reason(random_models_dir, tmp_path, digit_image):
     """A real failure even as root: FEEDBACK_DIR below a regular file cannot be created."""
     (tmp_path / "file").write_text("x")
-    client = make_client(models_dir, tmp_path / "file" / "fb")
+    client = feedback_client(random_models_dir, tmp_path / "file" / "fb")
     r = client.post("/feedback?digit=1", data=png_bytes(digit_image), content_type="image/png")
     assert_error(r, 503, "feedback_unwritable")
     assert str(tmp_path / "file" / "fb") in r.get_json()["error"]["message"]
 
 
-def test_a_read_only_folder_is_a_503(models_dir, tmp_path, digit_image, monkeypatch):
+def test_a_read_only_folder_is_a_503(random_models_dir, tmp_path, digit_image, monkeypatch):
     """EROFS where the kernel reports it (a read-only mount cannot be made here without privileges)."""
-    client = make_client(models_dir, tmp_path)
+    client = feedback_client(random_models_dir, tmp_path)
     real_open = os.open
 
     def read_only(path, flags, *args, **kwargs):
@@ -243,9 +242,9 @@ def test_a_read_only_folder_is_a_503(models_dir, tmp_path, digit_image, monkeypa
     assert "Read-only file system" in r.get_json()["error"]["message"]
 
 
-def test_the_given_version_scores_the_image(models_dir, tmp_path, mnist):
-    publish(models_dir, random_net(2))  # version 2 becomes stable
-    client = make_client(models_dir, tmp_path)
+def test_the_given_version_scores_the_image(random_models_dir, tmp_path, mnist):
+    publish(random_models_dir, random_net(2))  # version 2 becomes stable
+    client = feedback_client(random_models_dir, tmp_path)
     image = mnist.test_images[0]
     for version, seed in ((1, 1), (2, 2), (None, 2)):
         query = f"?digit=7{'' if version is None else f'&version={version}'}"
@@ -309,9 +308,11 @@ def test_live_counters_and_models_figure_equal_an_offline_scoring(
 
 
 @pytest.mark.slow
-def test_a_worker_killed_right_after_its_201_loses_no_record(gunicorn, models_dir, tmp_path, digit_image):
+def test_a_worker_killed_right_after_its_201_loses_no_record(
+    gunicorn, random_models_dir, tmp_path, digit_image
+):
     fb = tmp_path / "fb"
-    server = gunicorn(models_dir, FEEDBACK_DIR=str(fb))
+    server = gunicorn(random_models_dir, FEEDBACK_DIR=str(fb))
     ids = []
     for i in range(8):
         r = requests.post(
@@ -332,8 +333,8 @@ def test_a_worker_killed_right_after_its_201_loses_no_record(gunicorn, models_di
     assert len(feedback.feedback_files(fb)) >= 8  # a file per writer process
 
 
-def test_answers_match_the_openapi_document(models_dir, tmp_path, digit_image):
-    client = make_client(models_dir, tmp_path, FEEDBACK_MAX_BYTES=6000)
+def test_answers_match_the_openapi_document(random_models_dir, tmp_path, digit_image):
+    client = feedback_client(random_models_dir, tmp_path, FEEDBACK_MAX_BYTES=6000)
     document = client.get("/openapi.json").get_json()
     responses = document["paths"]["/feedback"]["post"]["responses"]
 
@@ -348,7 +349,7 @@ def test_answers_match_the_openapi_document(models_dir, tmp_path, digit_image):
         r = client.post("/feedback?" + query, data=png, content_type="image/png")
         check(r)
         statuses.append(r.status_code)
-    r = make_client(models_dir, None).post("/feedback?digit=1", data=png, content_type="image/png")
+    r = feedback_client(random_models_dir, None).post("/feedback?digit=1", data=png, content_type="image/png")
     check(r)
     statuses.append(r.status_code)
     assert {201, 400, 404, 507} == set(statuses)

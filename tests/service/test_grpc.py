@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +22,9 @@ from tritonclient.utils import InferenceServerException
 
 from core import network
 from core.preprocess import to_vectors
-from tests.helpers import png_bytes, publish, random_net, start_gunicorn, stop
+from tests.helpers import png_bytes, publish, random_net, start_gunicorn
+from tests.load import Load
+from tests.load import grpc as grpc_client
 
 pytestmark = pytest.mark.slow
 
@@ -32,16 +33,15 @@ INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 @pytest.fixture(scope="module")
-def served(trained_models_dir, tmp_path_factory):
-    """One gunicorn (2 workers, gRPC on a free port) serving the trained model."""
-    server = start_gunicorn(trained_models_dir, tmp_path_factory.mktemp("grpc"), MAX_BATCH="64")
-    yield server
-    stop(server.proc)
+def served_max_batch_64(trained_models_dir, tmp_path_factory):
+    """`served` with MAX_BATCH=64 (2 workers, gRPC on a free port): a small limit the tests can exceed."""
+    with start_gunicorn(trained_models_dir, tmp_path_factory.mktemp("grpc"), MAX_BATCH="64") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def stub(served):
-    with grpc.insecure_channel(served.grpc) as channel:
+def stub(served_max_batch_64):
+    with grpc.insecure_channel(served_max_batch_64.grpc) as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
@@ -85,14 +85,14 @@ def code_of(call, *args) -> Code:
 # --- the protocol's calls, with tritonclient -----------------------------------------------------
 
 
-def test_server_and_model_metadata(served):
-    client = tgrpc.InferenceServerClient(served.grpc)
+def test_server_and_model_metadata(served_max_batch_64):
+    client = tgrpc.InferenceServerClient(served_max_batch_64.grpc)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mnist")
     assert client.is_model_ready("mnist", "1")
     meta = client.get_server_metadata(as_json=True)
     assert meta["name"] == "mnist-serving" and meta["version"] == "0.1.0"
     model = client.get_model_metadata("mnist", as_json=True)
-    rest = requests.get(served.url + "/v2/models/mnist", timeout=10).json()
+    rest = requests.get(served_max_batch_64.url + "/v2/models/mnist", timeout=10).json()
     assert model["versions"] == rest["versions"] == ["1"]
     assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in model["inputs"]] == [
         ("input", "FP32", [-1, 784])
@@ -107,14 +107,18 @@ def test_server_and_model_metadata(served):
 @pytest.mark.parametrize(
     ("datatype", "flat"), [("UINT8", False), ("UINT8", True), ("FP32", True), ("FP32", False)]
 )
-def test_binary_inputs_give_the_digits_of_predict(served, mnist, trained_net, datatype, flat):
+def test_binary_inputs_give_the_digits_of_predict(served_max_batch_64, mnist, trained_net, datatype, flat):
     """Real MNIST test images, raw_input_contents: the digits /predict gives for the same PNGs."""
     images = mnist.test_images[:64]
-    client = tgrpc.InferenceServerClient(served.grpc)
+    client = tgrpc.InferenceServerClient(served_max_batch_64.grpc)
     result = client.infer("mnist", [infer_input(images, datatype, flat)], request_id="abc")
     with requests.Session() as s:
         rest = [
-            s.post(served.url + "/predict", data=png_bytes(im), headers={"Content-Type": "image/png"}).json()
+            s.post(
+                served_max_batch_64.url + "/predict",
+                data=png_bytes(im),
+                headers={"Content-Type": "image/png"},
+            ).json()
             for im in images[:16]
         ]
     digits = result.as_numpy("digit")
@@ -141,8 +145,8 @@ def test_typed_contents_and_output_choice(stub, mnist, trained_net):
         assert np.frombuffer(response.raw_output_contents[0], "<i8").tolist() == expected
 
 
-def test_health_service(served):
-    with grpc.insecure_channel(served.grpc) as channel:
+def test_health_service(served_max_batch_64):
+    with grpc.insecure_channel(served_max_batch_64.grpc) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "inference.GRPCInferenceService"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
@@ -152,15 +156,15 @@ def test_health_service(served):
         assert e.value.code() == Code.NOT_FOUND
 
 
-def test_predictions_and_calls_are_in_the_shared_metrics(served, mnist):
+def test_predictions_and_calls_are_in_the_shared_metrics(served_max_batch_64, mnist):
     def scrape() -> str:
-        return requests.get(served.url + "/metrics", timeout=10).text
+        return requests.get(served_max_batch_64.url + "/metrics", timeout=10).text
 
     def total(text: str, pattern: str) -> float:
         return sum(float(v) for v in re.findall(pattern + r"\} (\S+)", text))
 
     before = scrape()
-    client = tgrpc.InferenceServerClient(served.grpc)
+    client = tgrpc.InferenceServerClient(served_max_batch_64.grpc)
     client.infer("mnist", [infer_input(mnist.test_images[:10])])
     with pytest.raises(InferenceServerException):
         client.infer("nope", [infer_input(mnist.test_images[:1])])
@@ -218,10 +222,10 @@ BAD = [
 
 
 @pytest.mark.parametrize(("name", "message", "code"), BAD, ids=[b[0] for b in BAD])
-def test_bad_requests_get_the_right_status(served, stub, name, message, code):
-    workers = served.workers()
+def test_bad_requests_get_the_right_status(served_max_batch_64, stub, name, message, code):
+    workers = served_max_batch_64.workers()
     assert code_of(stub.ModelInfer, message) == code
-    assert served.workers() == workers
+    assert served_max_batch_64.workers() == workers
     assert code_of(stub.ModelInfer, request()) == Code.OK
 
 
@@ -232,7 +236,7 @@ def test_bad_metadata_requests(stub):
     assert code_of(stub.ModelReady, service_pb2.ModelReadyRequest(name="nope")) == Code.NOT_FOUND
 
 
-def test_message_over_max_content_length_is_resource_exhausted(served, stub):
+def test_message_over_max_content_length_is_resource_exhausted(served_max_batch_64, stub):
     big = request(
         inputs=[tensor_proto(shape=(6000, 784), uint_contents=[])], raw_input_contents=[b"\0" * 6000 * 784]
     )
@@ -241,8 +245,8 @@ def test_message_over_max_content_length_is_resource_exhausted(served, stub):
     assert code_of(stub.ModelInfer, request()) == Code.OK
 
 
-def test_undecodable_bytes_are_invalid_argument(served):
-    with grpc.insecure_channel(served.grpc) as channel:
+def test_undecodable_bytes_are_invalid_argument(served_max_batch_64):
+    with grpc.insecure_channel(served_max_batch_64.grpc) as channel:
         raw = channel.unary_unary(INFER)  # no serializers: the bytes go as they are
         for body in (b"\xff" * 50, b"\x0a\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01", b"\x2a\x05abc"):
             assert code_of(raw, body) == Code.INVALID_ARGUMENT
@@ -311,8 +315,8 @@ def valid_requests(draw) -> service_pb2.ModelInferRequest:
     return request(inputs=[tensor_proto(datatype, shape, uint_contents=[])], raw_input_contents=[raw])
 
 
-def test_fuzzed_requests_get_a_protocol_status(served, stub):
-    workers = served.workers()
+def test_fuzzed_requests_get_a_protocol_status(served_max_batch_64, stub):
+    workers = served_max_batch_64.workers()
     seen: set[Code] = set()
 
     @FUZZ
@@ -324,12 +328,12 @@ def test_fuzzed_requests_get_a_protocol_status(served, stub):
 
     one()
     assert {Code.OK, Code.INVALID_ARGUMENT} <= seen
-    assert served.workers() == workers and code_of(stub.ModelInfer, request()) == Code.OK
+    assert served_max_batch_64.workers() == workers and code_of(stub.ModelInfer, request()) == Code.OK
 
 
-def test_fuzzed_bytes_never_kill_the_server(served):
-    workers = served.workers()
-    with grpc.insecure_channel(served.grpc) as channel:
+def test_fuzzed_bytes_never_kill_the_server(served_max_batch_64):
+    workers = served_max_batch_64.workers()
+    with grpc.insecure_channel(served_max_batch_64.grpc) as channel:
         raw = channel.unary_unary(INFER)
         valid = request().SerializeToString()
 
@@ -343,7 +347,7 @@ def test_fuzzed_bytes_never_kill_the_server(served):
             assert code_of(raw, body) in ALLOWED
 
         one()
-    assert served.workers() == workers
+    assert served_max_batch_64.workers() == workers
 
 
 # --- no model, version switches, shutdown -------------------------------------------------------
@@ -375,49 +379,6 @@ def test_no_model_is_unavailable_then_ready_once_published(gunicorn, tmp_path, t
         assert client.is_server_ready()
 
 
-class GrpcLoad:
-    """`n` tritonclient.grpc clients, each on its own connection, inferring one image in a loop."""
-
-    def __init__(self, target: str, image: np.ndarray, n: int = 6) -> None:
-        self.target, self.image, self.n = target, image, n
-        self.ok: list[tuple[int, int, list[float]]] = []  # (client, version, probabilities)
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
-
-    def __enter__(self) -> GrpcLoad:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-    def _run(self, i: int) -> None:
-        # A local subchannel pool: a connection of its own (grpc would share one between channels),
-        # which SO_REUSEPORT lands on either worker, so both workers' switches are exercised.
-        client = tgrpc.InferenceServerClient(
-            self.target, channel_args=[("grpc.use_local_subchannel_pool", 1)]
-        )
-        while not self._stop.is_set():
-            try:
-                r = client.infer("mnist", [infer_input(self.image[None])], client_timeout=10)
-                version = int(r.get_response().model_version)
-                self.ok.append((i, version, r.as_numpy("probabilities")[0].tolist()))
-            except InferenceServerException as e:
-                self.failures.append(str(e))
-            time.sleep(0.005)
-        client.close()
-
-    def wait_until(self, predicate, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            assert time.monotonic() < deadline, f"{len(self.ok)} ok, failures {self.failures[:3]}"
-            time.sleep(0.05)
-
-
 def test_version_switch_under_grpc_load_drops_nothing(gunicorn, tmp_path, mnist, trained_net):
     models_dir = tmp_path / "models"
     v1 = random_net(1)
@@ -428,17 +389,17 @@ def test_version_switch_under_grpc_load_drops_nothing(gunicorn, tmp_path, mnist,
         1: network.probabilities(v1, to_vectors(image))[0].tolist(),
         2: network.probabilities(trained_net, to_vectors(image))[0].tolist(),
     }
-    with GrpcLoad(server.grpc, image) as load:
-        load.wait_until(lambda: len({c for c, v, _ in load.ok if v == 1}) == load.n, 10)
+    with Load(grpc_client(server.grpc, image), n=6, pause=0.005) as load:
+        load.wait_until(lambda: len({o.client for o in load.ok if o.version == 1}) == load.n, 10)
         publish(models_dir, trained_net)
         # Every client (its channel holds one connection to one worker) sees the new version.
-        load.wait_until(lambda: len({c for c, v, _ in load.ok if v == 2}) == load.n, 10)
+        load.wait_until(lambda: len({o.client for o in load.ok if o.version == 2}) == load.n, 10)
         after = len(load.ok)
         load.wait_until(lambda: len(load.ok) > after + 20, 10)
     assert not load.failures, load.failures[:5]
-    for _, version, probs in load.ok:  # no mixed answer
-        assert probs == pytest.approx(expected[version], rel=1e-6, abs=1e-7)
-    assert {v for _, v, _ in load.ok} == {1, 2} and len(load.ok) > 50
+    for o in load.ok:  # no mixed answer
+        assert o.body["probabilities"] == pytest.approx(expected[o.version], rel=1e-6, abs=1e-7)
+    assert {o.version for o in load.ok} == {1, 2} and len(load.ok) > 50
 
 
 def test_term_lets_in_flight_calls_finish(gunicorn, tmp_path):

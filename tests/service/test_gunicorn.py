@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 
@@ -20,17 +19,10 @@ import requests
 
 from core import network
 from core.preprocess import to_vectors
-from tests.helpers import ROOT, png_bytes, publish, random_net, start_gunicorn, stop
+from tests.helpers import ROOT, png_bytes, publish, random_net
+from tests.load import Load, rest
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def served(trained_models_dir, tmp_path_factory):
-    """One gunicorn (2 workers) serving the trained model, shared by the read-only tests."""
-    server = start_gunicorn(trained_models_dir, tmp_path_factory.mktemp("served"))
-    yield server
-    stop(server.proc)
 
 
 def test_real_mnist_pngs_get_the_offline_digits(served, mnist, trained_net):
@@ -63,60 +55,26 @@ def test_concurrent_clients(served, mnist, trained_net):
     images = mnist.test_images[:per_client]
     expected = network.predict(trained_net, to_vectors(images)).tolist()
     bodies = [png_bytes(a) for a in images]
-    results: list[list[int]] = [[] for _ in range(n_clients)]
-    errors: list[str] = []
-    barrier = threading.Barrier(n_clients)
-
-    def client(k: int) -> None:
-        with requests.Session() as s:
-            barrier.wait()
-            for body in bodies:
-                try:
-                    r = s.post(
-                        served.url + "/predict", data=body, headers={"Content-Type": "image/png"}, timeout=30
-                    )
-                    results[k].append(r.json()["digit"] if r.status_code == 200 else -r.status_code)
-                except requests.RequestException as e:
-                    errors.append(repr(e))
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
+    with Load(rest(served.url, bodies), n=n_clients, calls=per_client) as load:
+        pass  # each client sends the 25 images in turn, all clients at once
+    assert not load.failures, load.failures[:5]
+    results = [[o.body["digit"] for o in load.of_client(k)] for k in range(n_clients)]
     assert all(r == expected for r in results)
 
 
-def test_keep_alive_clients_spread_over_both_workers(gunicorn, models_dir):
+def test_keep_alive_clients_spread_over_both_workers(gunicorn, random_models_dir):
     """8 keep-alive clients that connect together must not all land on one worker.
 
     A gthread worker accepts every connection it can; without the per-worker cap in
     gunicorn.conf.py (threads + 1) one worker could take them all and leave a core idle.
     """
-    server = gunicorn(models_dir)
+    server = gunicorn(random_models_dir)
     n_clients, per_client = 8, 30
     body = png_bytes(np.zeros((28, 28), np.uint8))
-    barrier = threading.Barrier(n_clients)
-    statuses: list[int] = []
-
-    def client(k: int) -> None:
-        with requests.Session() as s:
-            barrier.wait()
-            for i in range(per_client):
-                r = s.post(
-                    server.url + "/predict",
-                    data=body,
-                    headers={"Content-Type": "image/png", "X-Request-ID": f"spread-{k}-{i}"},
-                    timeout=30,
-                )
-                statuses.append(r.status_code)
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    client = rest(server.url, body, request_id="spread-{client}-{i}")
+    with Load(client, n=n_clients, calls=per_client) as load:
+        pass  # the 8 connect together, each sends its 30 on its keep-alive connection
+    statuses = [o.status for o in load.outcomes]
     assert statuses == [200] * (n_clients * per_client)
     served_by: dict[int, int] = {}
     for line in server.lines():
@@ -185,57 +143,6 @@ def test_client_cli(served, mnist, trained_net, tmp_path):
         assert out.returncode == code and text in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
-class Load:
-    """n threads posting one image in a loop, recording every outcome, until stopped."""
-
-    def __init__(self, url: str, image: np.ndarray, n: int = 8) -> None:
-        self.url, self.body = url, png_bytes(image)
-        self.stop = threading.Event()
-        self.ok: list[dict] = []
-        self.failures: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run) for _ in range(n)]
-
-    def _run(self) -> None:
-        with requests.Session() as s:
-            while not self.stop.is_set():
-                try:
-                    r = s.post(
-                        self.url + "/predict",
-                        data=self.body,
-                        headers={"Content-Type": "image/png"},
-                        timeout=30,
-                    )
-                    with self.lock:
-                        if r.status_code == 200:
-                            self.ok.append(r.json())
-                        else:
-                            self.failures.append(f"{r.status_code} {r.text[:200]}")
-                except requests.RequestException as e:
-                    with self.lock:
-                        self.failures.append(repr(e))
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
-
-    def wait_for(self, predicate, timeout: float) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            with self.lock:
-                recent = self.ok[-16:]
-            if len(recent) == 16 and all(predicate(b) for b in recent):
-                return time.monotonic() - start
-            time.sleep(0.05)
-        raise AssertionError(f"condition not met in {timeout}s; last {self.ok[-3:]}")
-
-
 def test_new_version_mid_load_and_corrupt_version(gunicorn, tmp_path, mnist, trained_net):
     models_dir = tmp_path / "models"
     v1 = random_net(1)
@@ -247,10 +154,10 @@ def test_new_version_mid_load_and_corrupt_version(gunicorn, tmp_path, mnist, tra
         1: network.probabilities(v1, to_vectors(image))[0].tolist(),
         2: network.probabilities(trained_net, to_vectors(image))[0].tolist(),
     }
-    with Load(server.url, image) as load:
-        load.wait_for(lambda b: b["model"]["version"] == 1, 10)
+    with Load(rest(server.url, png_bytes(image))) as load:
+        load.wait_recent(lambda o: o.version == 1, 10)
         publish(models_dir, trained_net)
-        took = load.wait_for(lambda b: b["model"]["version"] == 2, 10)
+        took = load.wait_recent(lambda o: o.version == 2, 10)
         assert took < poll + 3
         # A corrupt version 3 (weights tampered after publishing) is ignored.
         shutil.copytree(models_dir / "mnist" / "2", models_dir / "mnist" / "3")
@@ -258,9 +165,9 @@ def test_new_version_mid_load_and_corrupt_version(gunicorn, tmp_path, mnist, tra
         time.sleep(3 * poll)
     assert not load.failures, load.failures[:5]
     # No mixed request: every answer is exactly what the version it names computes.
-    for body in load.ok:
-        assert body["probabilities"] == expected[body["model"]["version"]]
-    counts = Counter(b["model"]["version"] for b in load.ok)
+    for o in load.ok:
+        assert o.body["probabilities"] == expected[o.version]
+    counts = Counter(o.version for o in load.ok)
     assert set(counts) == {1, 2} and len(load.ok) > 50
     status = requests.get(server.url + "/models", timeout=10).json()
     by_version = {v["version"]: v for v in status["versions"]}
@@ -269,22 +176,22 @@ def test_new_version_mid_load_and_corrupt_version(gunicorn, tmp_path, mnist, tra
     assert "rejected" in server.logs() and "version 3" in server.logs()
 
 
-def test_hup_under_load_drops_nothing(gunicorn, models_dir, mnist):
-    server = gunicorn(models_dir)
+def test_hup_under_load_drops_nothing(gunicorn, random_models_dir, mnist):
+    server = gunicorn(random_models_dir)
     old = server.workers()
-    with Load(server.url, mnist.test_images[0]) as load:
-        load.wait_for(lambda b: True, 10)
+    with Load(rest(server.url, png_bytes(mnist.test_images[0]))) as load:
+        load.wait_recent(lambda o: True, 10)
         server.proc.send_signal(signal.SIGHUP)
         new = server.wait_workers(2, exclude=old)
         after = len(load.ok)
-        load.wait_for(lambda b: len(load.ok) > after + 16, 10)  # the new workers serve too
+        load.wait_until(lambda: len(load.ok) > after + 16, 10)  # the new workers serve too
     assert not load.failures, load.failures[:5]
     assert new.isdisjoint(old)
 
 
-def test_term_finishes_in_flight_requests(gunicorn, models_dir, mnist):
+def test_term_finishes_in_flight_requests(gunicorn, random_models_dir, mnist):
     """Two requests are mid-upload (one per sync worker) when TERM arrives: both are answered."""
-    server = gunicorn(models_dir)
+    server = gunicorn(random_models_dir)
     port = int(server.url.rsplit(":", 1)[1])
     body = json.dumps({"image": mnist.test_images[0].tolist()}).encode()
     head = (

@@ -17,8 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.app import create_app
-from tests.helpers import bomb_png, png_bytes, png_chunk, publish, random_net
+from tests.helpers import bomb_png, png_bytes, png_chunk
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -131,13 +130,6 @@ def hostile_battery() -> list[tuple[str, str | None, bytes]]:
 
 
 BATTERY = hostile_battery()
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hostile") / "models"
-    publish(d, random_net())
-    return create_app({"MODELS_DIR": str(d), "MODEL_POLL_SECONDS": 0}).test_client()
 
 
 def check(status: int, content_type: str, text: str) -> None:
@@ -269,8 +261,8 @@ def test_fuzz_json_shapes_and_types(client, doc):
 
 
 @pytest.mark.slow
-def test_workers_survive_the_battery(gunicorn, models_dir):
-    server = gunicorn(models_dir)
+def test_workers_survive_the_battery(gunicorn, random_models_dir):
+    server = gunicorn(random_models_dir)
     pids = server.workers()
     with requests.Session() as s:
         for name, content_type, body in BATTERY:

@@ -23,7 +23,7 @@ from service.app import create_app
 from service.errors import ApiError
 from service.models import ModelManager
 from tests.helpers import ROOT, png_bytes, publish, random_net
-from tests.service.test_gunicorn import Load
+from tests.load import Load, rest
 
 SHIPPED, QUICK = 0.9916, 0.966
 
@@ -267,35 +267,33 @@ def test_held_promoted_and_rolled_back_under_load(gunicorn, tmp_path, mnist, mon
     monkeypatch.setenv("MODELS_DIR", str(models_dir))
     monkeypatch.setenv("MODEL_NAME", "mnist")
 
-    with Load(server.url, image) as load:
-        load.wait_for(lambda b: b["model"]["version"] == 1, 10)
+    with Load(rest(server.url, png_bytes(image))) as load:
+        load.wait_recent(lambda o: o.version == 1, 10)
         publish(models_dir, nets[2], accuracy=QUICK)  # held: the same clients keep version 1
         time.sleep(2.5)
-        with load.lock:
-            assert {b["model"]["version"] for b in load.ok} == {1}
+        assert {o.version for o in load.ok} == {1}
         status = requests.get(server.url + "/models", timeout=10).json()
         assert status["serving"] == 1 and by_version(status)[2]["state"] == "held"
         assert worker_versions(server.url) == [1.0, 1.0]
 
         assert release.main(["promote", "2"]) == 0
-        assert load.wait_for(lambda b: b["model"]["version"] == 2, 10) < 5
+        assert load.wait_recent(lambda o: o.version == 2, 10) < 5
         time.sleep(1.5)  # every worker polls within 0.5 s
         assert worker_versions(server.url) == [2.0, 2.0]
         n = len(load.ok)
         time.sleep(1)
-        with load.lock:
-            assert {b["model"]["version"] for b in load.ok[n:]} == {2}
+        assert {o.version for o in load.ok[n:]} == {2}
 
         assert release.main(["rollback"]) == 0
-        load.wait_for(lambda b: b["model"]["version"] == 1, 10)
+        load.wait_recent(lambda o: o.version == 1, 10)
         time.sleep(1.5)
         assert worker_versions(server.url) == [1.0, 1.0]
 
     assert not load.failures, load.failures[:5]
     # No mixed request: every answer is exactly what the version it names computes.
-    for body in load.ok:
-        assert body["probabilities"] == expected[body["model"]["version"]]
-    assert set(Counter(b["model"]["version"] for b in load.ok)) == {1, 2} and len(load.ok) > 100
+    for o in load.ok:
+        assert o.body["probabilities"] == expected[o.version]
+    assert set(Counter(o.version for o in load.ok)) == {1, 2} and len(load.ok) > 100
 
 
 def test_both_shipped_models_answer_over_predict_and_tritonclient(gunicorn, mnist):

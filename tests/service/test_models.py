@@ -38,9 +38,9 @@ def corrupt_copy(models_dir: Path, src: int, dst: int) -> Path:
     return path
 
 
-def test_serves_newest_valid_version(models_dir):
-    publish(models_dir, random_net(2))
-    m, events = manager(models_dir)
+def test_serves_newest_valid_version(random_models_dir):
+    publish(random_models_dir, random_net(2))
+    m, events = manager(random_models_dir)
     assert m.current().version == 2 and m.get(None).version == 2 and m.get(1).version == 1
     assert events == [("loaded", {"version": 2})]
 
@@ -66,9 +66,9 @@ def test_empty_repository_gives_503_then_picks_up_a_version(tmp_path):
     ],
     ids=["tampered", "half-written", "bad-json", "no-weights"],
 )
-def test_invalid_version_is_skipped_with_reason(models_dir, damage, reason):
-    damage(corrupt_copy(models_dir, 1, 2))
-    m, events = manager(models_dir)
+def test_invalid_version_is_skipped_with_reason(random_models_dir, damage, reason):
+    damage(corrupt_copy(random_models_dir, 1, 2))
+    m, events = manager(random_models_dir)
     assert m.current().version == 1
     assert events[0][0] == "rejected" and events[0][1]["version"] == 2 and reason in events[0][1]["reason"]
     status = {v["version"]: v for v in m.status()["versions"]}
@@ -80,44 +80,44 @@ def test_invalid_version_is_skipped_with_reason(models_dir, damage, reason):
     assert [e for e, _ in events].count("rejected") == 1
 
 
-def test_wrong_architecture_is_rejected(models_dir):
+def test_wrong_architecture_is_rejected(random_models_dir):
     net = network.new_network([784, 5], ["softmax"], "cross_entropy", np.random.default_rng(0))
-    publish(models_dir, net)
-    m, _ = manager(models_dir)
+    publish(random_models_dir, net)
+    m, _ = manager(random_models_dir)
     assert m.current().version == 1
     assert "outputs" in m.status()["versions"][1]["reason"]
 
 
-def test_half_written_version_is_taken_once_complete(models_dir):
-    path = corrupt_copy(models_dir, 1, 2)
+def test_half_written_version_is_taken_once_complete(random_models_dir):
+    path = corrupt_copy(random_models_dir, 1, 2)
     meta = (path / "model.json").read_bytes()
     (path / "model.json").unlink()
-    m, events = manager(models_dir)
+    m, events = manager(random_models_dir)
     assert m.current().version == 1
     (path / "model.json").write_bytes(meta)  # the copy finishes
     m.scan()
     assert m.current().version == 2 and events[-1] == ("loaded", {"version": 2})
 
 
-def test_served_version_tampered_in_place_keeps_serving_last_good(models_dir):
-    m, _ = manager(models_dir)
+def test_served_version_tampered_in_place_keeps_serving_last_good(random_models_dir):
+    m, _ = manager(random_models_dir)
     good = m.current()
-    (models_dir / "mnist" / "1" / "weights.npz").write_bytes(b"evil")
+    (random_models_dir / "mnist" / "1" / "weights.npz").write_bytes(b"evil")
     m.scan()
     assert m.current() is good
     assert m.status()["versions"][0]["state"] == "rejected"
 
 
-def test_deleting_the_served_version(models_dir):
-    publish(models_dir, random_net(2))
-    m, events = manager(models_dir)
+def test_deleting_the_served_version(random_models_dir):
+    publish(random_models_dir, random_net(2))
+    m, events = manager(random_models_dir)
     served = m.current()
-    shutil.rmtree(models_dir / "mnist" / "2")
+    shutil.rmtree(random_models_dir / "mnist" / "2")
     # a request that already holds the model is unaffected: its arrays are in memory
     assert network.probabilities(served.net, np.zeros((1, 784), np.float32)).shape == (1, 10)
     m.scan()
     assert m.current().version == 1 and events[-1] == ("loaded", {"version": 1})
-    shutil.rmtree(models_dir / "mnist" / "1")
+    shutil.rmtree(random_models_dir / "mnist" / "1")
     m.scan()
     assert m.current().version == 1  # nothing else to serve: the last good one stays
     assert "deleted" in m.status()["versions"][0]["reason"]
@@ -126,32 +126,32 @@ def test_deleting_the_served_version(models_dir):
     assert e.value.status == 404
 
 
-def test_pinned_version(models_dir):
-    publish(models_dir, random_net(2))
-    m, _ = manager(models_dir, pinned=1)
+def test_pinned_version(random_models_dir):
+    publish(random_models_dir, random_net(2))
+    m, _ = manager(random_models_dir, pinned=1)
     assert m.current().version == 1
-    publish(models_dir, random_net(3))
+    publish(random_models_dir, random_net(3))
     m.scan()
     assert m.current().version == 1 and m.status()["pinned"] == 1
-    m, _ = manager(models_dir, pinned=7)
+    m, _ = manager(random_models_dir, pinned=7)
     assert m.current() is None and "MODEL_VERSION=7" in m.unready_reason()
-    publish(models_dir, random_net(4))
-    publish(models_dir, random_net(5))
-    publish(models_dir, random_net(6))
-    publish(models_dir, random_net(7))
+    publish(random_models_dir, random_net(4))
+    publish(random_models_dir, random_net(5))
+    publish(random_models_dir, random_net(6))
+    publish(random_models_dir, random_net(7))
     m.scan()
     assert m.current().version == 7
 
 
-def test_version_appearing_between_scans_is_found_on_demand(models_dir):
-    m, _ = manager(models_dir)
-    publish(models_dir, random_net(2))
+def test_version_appearing_between_scans_is_found_on_demand(random_models_dir):
+    m, _ = manager(random_models_dir)
+    publish(random_models_dir, random_net(2))
     assert m.get(2).version == 2
     assert m.current().version == 1  # the served one changes only at a scan
 
 
-def test_status_reports_metadata(models_dir):
-    m, _ = manager(models_dir)
+def test_status_reports_metadata(random_models_dir):
+    m, _ = manager(random_models_dir)
     status = m.status()
     assert status["serving"] == 1 and status["ready"] and status["last_scan"]
     v = status["versions"][0]
@@ -159,8 +159,8 @@ def test_status_reports_metadata(models_dir):
     assert "files" not in v["metadata"]
 
 
-def test_listener_errors_do_not_break_loading(models_dir):
-    m = ModelManager(models_dir, "mnist", poll_seconds=0)
+def test_listener_errors_do_not_break_loading(random_models_dir):
+    m = ModelManager(random_models_dir, "mnist", poll_seconds=0)
 
     def broken(event, **info):
         raise RuntimeError("listener bug")
@@ -170,12 +170,12 @@ def test_listener_errors_do_not_break_loading(models_dir):
     assert m.current().version == 1
 
 
-def test_poller_thread_picks_up_new_versions(models_dir):
-    registry, m = polled(models_dir, poll_seconds=0.1)
+def test_poller_thread_picks_up_new_versions(random_models_dir):
+    registry, m = polled(random_models_dir, poll_seconds=0.1)
     registry.ensure_polling()
     registry.ensure_polling()  # idempotent within a process
     try:
-        publish(models_dir, random_net(2))
+        publish(random_models_dir, random_net(2))
         deadline = time.monotonic() + 10
         while m.current().version != 2 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -184,10 +184,10 @@ def test_poller_thread_picks_up_new_versions(models_dir):
         registry.stop()
 
 
-def test_polling_starts_with_a_scan_so_a_fresh_worker_is_never_stale(models_dir):
+def test_polling_starts_with_a_scan_so_a_fresh_worker_is_never_stale(random_models_dir):
     """A worker booted before a new version appeared serves it from its first request on."""
-    registry, m = polled(models_dir, poll_seconds=60)
-    publish(models_dir, random_net(2))
+    registry, m = polled(random_models_dir, poll_seconds=60)
+    publish(random_models_dir, random_net(2))
     assert m.current().version == 1
     try:
         registry.ensure_polling()  # what post_worker_init and the first request call
@@ -196,8 +196,8 @@ def test_polling_starts_with_a_scan_so_a_fresh_worker_is_never_stale(models_dir)
         registry.stop()
 
 
-def test_unreadable_repository_keeps_last_good(models_dir, monkeypatch):
-    m, _ = manager(models_dir)
+def test_unreadable_repository_keeps_last_good(random_models_dir, monkeypatch):
+    m, _ = manager(random_models_dir)
 
     def fail(*a, **k):
         raise PermissionError(13, "Permission denied")
@@ -207,13 +207,13 @@ def test_unreadable_repository_keeps_last_good(models_dir, monkeypatch):
     assert m.current().version == 1
 
 
-def test_metadata_of_rejected_version_is_shown_when_readable(models_dir):
-    path = corrupt_copy(models_dir, 1, 2)
+def test_metadata_of_rejected_version_is_shown_when_readable(random_models_dir):
+    path = corrupt_copy(random_models_dir, 1, 2)
     meta = json.loads((path / "model.json").read_text())
     meta["metrics"]["test_accuracy"] = 0.77
     (path / "model.json").write_text(json.dumps(meta))  # checksum still fine, but weights tampered:
     (path / "weights.npz").write_bytes(b"x")
-    m, _ = manager(models_dir)
+    m, _ = manager(random_models_dir)
     v2 = m.status()["versions"][1]
     assert v2["state"] == "rejected" and v2["accuracy"] == 0.77
 

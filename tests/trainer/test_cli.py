@@ -101,7 +101,8 @@ def test_train_publishes_and_evaluate_rescores(data_dir, tmp_path, capsys):
 
 
 def test_only_data_loading_imports_torch():
-    """The service shares core/ and must stay torch-free; in the trainer only load_mnist pulls torch in."""
+    """The service shares core/ and must stay torch-free; in the trainer only a download of MNIST
+    pulls torch in (trainer.data._download)."""
     code = (
         "import sys, trainer.cli, trainer.run, trainer.train, trainer.sgd, trainer.evaluate, trainer.report, "
         "trainer.data, core.network, core.modelstore; print('torch' in sys.modules)"

@@ -1,10 +1,10 @@
-"""trainer.data: torchvision reads our own small IDX files; missing or corrupt data is one clear error."""
+"""trainer.data: core.mnist reads our own small IDX files, torchvision downloads nothing; missing or
+corrupt data is one clear error."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import idx_bytes
 from trainer.data import RAW_FILES, DataError, load_mnist
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,8 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def write_idx(raw: Path, name: str, array: np.ndarray) -> None:
     """The IDX format of the MNIST files: magic (0x08 = ubyte, then the rank), dims big-endian, bytes."""
-    header = struct.pack(">i", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
-    (raw / name).write_bytes(header + array.astype(np.uint8).tobytes())
+    (raw / name).write_bytes(idx_bytes(array))
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def fake_mnist(tmp_path):
     return tmp_path, arrays
 
 
-def test_loads_idx_files_through_torchvision(fake_mnist, monkeypatch):
+def test_loads_idx_files_without_downloading(fake_mnist, monkeypatch):
     root, arrays = fake_mnist
     monkeypatch.setenv("MNIST_DOWNLOAD", "1")  # download allowed, yet nothing is fetched: all files exist
     d = load_mnist(root)
@@ -51,6 +51,18 @@ def test_loads_idx_files_through_torchvision(fake_mnist, monkeypatch):
     raw = root / "MNIST" / "raw"
     assert sorted(os.listdir(raw)) == sorted(RAW_FILES)  # torchvision downloaded nothing
     assert d.files == {f: hashlib.sha256((raw / f).read_bytes()).hexdigest() for f in RAW_FILES}
+
+
+def test_loading_present_files_never_imports_torch(fake_mnist):
+    """torchvision is only for downloading: a run that has the data starts without torch."""
+    root, _ = fake_mnist
+    code = (
+        f"import sys; from trainer.data import load_mnist; load_mnist({str(root)!r}); "
+        "print('torch' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
 
 
 def test_missing_files_give_the_make_data_hint(tmp_path):
@@ -72,7 +84,7 @@ def test_corrupt_files_give_one_clear_error(fake_mnist, corrupt):
     root, _ = fake_mnist
     corrupt(root / "MNIST" / "raw")
     with pytest.raises(DataError, match="make data MNIST_FILES=dir"):
-        load_mnist(root, download=True)  # all four present: torchvision must not try to download
+        load_mnist(root, download=True)  # all four present: nothing may be downloaded
 
 
 def test_cli_reports_missing_data_in_one_line_without_traceback(tmp_path):

@@ -17,10 +17,11 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from core import feedback, modelstore
+from core import mnist as mnist_files
 from core.network import predict
 from core.preprocess import to_vectors
 from service.app import create_app
-from tests.helpers import SHIPPED_MODEL, SHIPPED_VERSION, load_mnist, png_bytes
+from tests.helpers import SHIPPED_MODEL, SHIPPED_VERSION, png_bytes
 from tests.segment_digits import sample
 from trainer import run
 from trainer.evaluate import rescore
@@ -93,7 +94,7 @@ def test_retraining_on_corrections_raises_holdout_accuracy_and_keeps_mnist(
     assert meta["metrics"]["test_accuracy"] >= 0.990
 
     # `make evaluate FEEDBACK=...` re-scores the published version on MNIST and the current holdout.
-    mnist = load_mnist(data_dir)
+    mnist = mnist_files.load(data_dir)
     r = rescore(models, "mnist", version, mnist.test_images, mnist.test_labels, fb)
     assert r["accuracy"] == meta["metrics"]["test_accuracy"]
     assert r["feedback"]["accuracy"] == after == r["feedback"]["recorded"]

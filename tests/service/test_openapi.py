@@ -167,7 +167,7 @@ def test_pages_and_metrics_have_their_documented_types(client, document):
         assert media in document["paths"][url]["get"]["responses"]["200"]["content"]
 
 
-def test_schemathesis_finds_no_5xx_and_no_schema_violation(server, tmp_path):
+def test_schemathesis_finds_no_5xx_and_no_schema_violation(served, tmp_path):
     """Fuzz the live gunicorn from its own document (a few hundred requests, fixed seed)."""
     checks = (
         "not_a_server_error,status_code_conformance,content_type_conformance,"
@@ -176,7 +176,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server, tmp_path):
     cmd = [
         str(Path(sys.executable).parent / "st"),
         "run",
-        server.url + "/openapi.json",
+        served.url + "/openapi.json",
         "--checks",
         checks,
         "--max-examples",
@@ -198,4 +198,4 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server, tmp_path):
     assert result.returncode == 0, summary
     generated = re.search(r"(\d+) generated", result.stdout)
     assert generated and int(generated.group(1)) >= 200, summary
-    assert not [line for line in server.lines() if '"level": "ERROR"' in line]
+    assert not [line for line in served.lines() if '"level": "ERROR"' in line]

@@ -1,12 +1,14 @@
-"""Request ids and the JSON line formats, in process."""
+"""service/logs.py: request ids and the JSON line formats, in process, then on a real gunicorn's stdout."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import re
 
 import pytest
+import requests
 
 from service import logs
 from service.app import create_app
@@ -29,7 +31,7 @@ def test_app_lines_inside_a_request_carry_its_id(app):
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logs.JsonFormatter())
     handler.addFilter(logs.RequestIdFilter())
-    log = logging.getLogger("test.extras")
+    log = logging.getLogger("test.logs")
     log.addHandler(handler)
     try:
 
@@ -47,7 +49,7 @@ def test_app_lines_inside_a_request_carry_its_id(app):
         log.removeHandler(handler)
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
     assert first["message"] == "inside request" and first["request_id"] == "probe-1" and first["k"] == 1
-    assert first["level"] == "WARNING" and first["logger"] == "test.extras" and first["ts"].endswith("Z")
+    assert first["level"] == "WARNING" and first["logger"] == "test.logs" and first["ts"].endswith("Z")
     assert "ZeroDivisionError" in second["exception"]
 
 
@@ -92,10 +94,10 @@ def test_gunicorn_logconfig_is_a_valid_dictconfig(monkeypatch):
 
 
 @pytest.mark.parametrize("hops", [0, 1])
-def test_access_line_remote_is_the_client_behind_trusted_proxies(models_dir, hops):
+def test_access_line_remote_is_the_client_behind_trusted_proxies(random_models_dir, hops):
     """Behind nginx (TRUSTED_PROXIES=1) the client is the X-Forwarded-For address; with 0 the header
     is not trusted, so a client cannot pick the address its requests are logged under."""
-    app = create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0, "TRUSTED_PROXIES": hops})
+    app = create_app({"MODELS_DIR": str(random_models_dir), "MODEL_POLL_SECONDS": 0, "TRUSTED_PROXIES": hops})
     forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
     doc = json.loads(_access_line(app, logs.AccessFormatter(), "/healthz", **forwarded))
     if hops:
@@ -104,19 +106,19 @@ def test_access_line_remote_is_the_client_behind_trusted_proxies(models_dir, hop
         assert doc["remote"] != "203.0.113.7"
 
 
-def test_access_log_errors_writes_lines_only_for_failed_requests(models_dir, monkeypatch):
+def test_access_log_errors_writes_lines_only_for_failed_requests(random_models_dir, monkeypatch):
     """Behind nginx (compose's ACCESS_LOG=errors) nginx logs every request; the api only failures."""
     monkeypatch.setenv("ACCESS_LOG", "errors")
-    app = create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0})
+    app = create_app({"MODELS_DIR": str(random_models_dir), "MODEL_POLL_SECONDS": 0})
     assert _access_line(app, logs.AccessFormatter(), "/healthz") == ""
     doc = json.loads(_access_line(app, logs.AccessFormatter(), "/nope", **{"X-Request-ID": "e-2"}))
     assert doc["status"] == 404 and doc["request_id"] == "e-2"
     monkeypatch.setenv("ACCESS_LOG", "0")
-    app = create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0})
+    app = create_app({"MODELS_DIR": str(random_models_dir), "MODEL_POLL_SECONDS": 0})
     assert _access_line(app, logs.AccessFormatter(), "/nope") == ""
     monkeypatch.setenv("ACCESS_LOG", "sometimes")
     with pytest.raises(ValueError, match="ACCESS_LOG"):
-        create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0})
+        create_app({"MODELS_DIR": str(random_models_dir), "MODEL_POLL_SECONDS": 0})
 
 
 def test_gunicorn_builds_access_atoms_only_when_its_access_log_is_on():
@@ -134,3 +136,20 @@ def test_gunicorn_builds_access_atoms_only_when_its_access_log_is_on():
     logger.setup(cfg)  # what gunicorn does on a configuration reload (HUP)
     logger.access(None, None, {}, None)
     assert built == [1]
+
+
+# --- against a real gunicorn (2 workers) ---------------------------------------------------------
+
+
+def test_every_line_on_stdout_is_json(served):
+    requests.get(served.url + "/healthz", headers={"X-Request-ID": "bad id with spaces"}, timeout=5)
+    lines = [line for line in served.lines() if line.strip()]
+    assert lines
+    docs = [json.loads(line) for line in lines]  # raises on any non-JSON line
+    assert {"ts", "level", "logger", "message", "pid"} <= set(docs[-1])
+    assert any(d.get("logger") == "gunicorn.error" for d in docs)
+    # One access line per request: the app's (with the request id), not gunicorn's as well.
+    assert not any(d.get("logger") == "gunicorn.access" for d in docs)
+    health = [d for d in docs if d.get("logger") == "access" and d.get("path") == "/healthz"]
+    # An unsafe client id is replaced by a generated one, not echoed into logs and headers.
+    assert health and re.fullmatch(r"[0-9a-f]{32}", health[-1]["request_id"])

@@ -1,4 +1,6 @@
-"""The Open Inference Protocol parser and encoder as pure functions, then through Flask's test client."""
+"""service/v2.py, the Open Inference Protocol (KServe V2) over REST: the parser and encoder as pure
+functions, then through Flask's test client, then with the real tritonclient.http against a real
+gunicorn (2 workers). gRPC is tests/service/test_grpc.py."""
 
 from __future__ import annotations
 
@@ -6,12 +8,17 @@ import json
 
 import numpy as np
 import pytest
+import requests
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from core.network import probabilities
 from core.preprocess import to_vectors
 from service import v2_codec as v2
 from service.v2_codec import V2Error, parse_infer_request
 from tests.helpers import png_bytes
+
+N_IMAGES = 64
 
 
 def request_doc(datatype="UINT8", shape=(1, 784), data=None, **extra) -> dict:
@@ -267,10 +274,12 @@ def test_infer_without_id_answers_with_the_request_id(client):
     assert r.get_json()["id"] == "trace-7" and r.headers["X-Request-ID"] == "trace-7"
 
 
-def test_infer_body_over_the_limit_is_413(models_dir):
+def test_infer_body_over_the_limit_is_413(random_models_dir):
     from service.app import create_app
 
-    small = create_app({"MODELS_DIR": str(models_dir), "MODEL_POLL_SECONDS": 0, "MAX_CONTENT_LENGTH": 1000})
+    small = create_app(
+        {"MODELS_DIR": str(random_models_dir), "MODEL_POLL_SECONDS": 0, "MAX_CONTENT_LENGTH": 1000}
+    )
     r = small.test_client().post("/v2/models/mnist/infer", json=request_doc(data=[0] * 784))
     assert r.status_code == 413 and isinstance(r.get_json()["error"], str)
 
@@ -303,3 +312,99 @@ def test_decompress_is_bounded():
         with pytest.raises(V2Error) as e:
             v2.decompress(body, encoding, 1000)
         assert e.value.status == status
+
+
+# --- tritonclient.http against a real gunicorn (2 workers) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images(mnist) -> np.ndarray:
+    return mnist.test_images[:N_IMAGES]
+
+
+@pytest.fixture(scope="module")
+def predict_digits(served, images) -> list[int]:
+    """What /predict answers for each image sent as a PNG: the reference for the V2 route."""
+    with requests.Session() as s:
+        return [
+            s.post(served.url + "/predict", data=png_bytes(im), headers={"Content-Type": "image/png"}).json()[
+                "digit"
+            ]
+            for im in images
+        ]
+
+
+@pytest.fixture
+def triton(served):
+    client = httpclient.InferenceServerClient(served.url.removeprefix("http://"))
+    yield client
+    client.close()
+
+
+def test_tritonclient_health_and_metadata(triton):
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert triton.is_model_ready("mnist") and triton.is_model_ready("mnist", "1")
+    assert not triton.is_model_ready("fashion")
+    assert "binary_tensor_data" in triton.get_server_metadata()["extensions"]
+    meta = triton.get_model_metadata("mnist", "1")
+    assert meta["inputs"][0]["name"] == "input"
+    with pytest.raises(InferenceServerException) as e:
+        triton.get_model_metadata("fashion")
+    assert e.value.status() == "404"
+
+
+@pytest.mark.parametrize("binary_in", [False, True], ids=["json-in", "binary-in"])
+@pytest.mark.parametrize("binary_out", [False, True], ids=["json-out", "binary-out"])
+@pytest.mark.parametrize("form", ["UINT8-28x28", "FP32-784"])
+def test_tritonclient_infer_matches_predict(triton, images, predict_digits, binary_in, binary_out, form):
+    if form == "UINT8-28x28":
+        tensor = np.ascontiguousarray(images, dtype=np.uint8)
+        inp = httpclient.InferInput("input", list(tensor.shape), "UINT8")
+    else:
+        tensor = to_vectors(images)
+        inp = httpclient.InferInput("input", list(tensor.shape), "FP32")
+    inp.set_data_from_numpy(tensor, binary_data=binary_in)
+    outputs = [
+        httpclient.InferRequestedOutput("digit", binary_data=binary_out),
+        httpclient.InferRequestedOutput("probabilities", binary_data=binary_out),
+    ]
+    result = triton.infer("mnist", [inp], model_version="1", outputs=outputs, request_id="req-42")
+    digits = result.as_numpy("digit")
+    probs = result.as_numpy("probabilities")
+    assert digits.dtype == np.int64 and digits.tolist() == predict_digits
+    assert probs.dtype == np.float32 and probs.shape == (N_IMAGES, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert (probs.argmax(axis=1) == digits).all()
+    response = result.get_response()
+    assert response["id"] == "req-42" and response["model_version"] == "1"
+
+
+def test_tritonclient_default_outputs_are_binary(triton, images, predict_digits):
+    # With no outputs named, tritonclient asks for every output as binary (binary_data_output).
+    inp = httpclient.InferInput("input", [N_IMAGES, 784], "UINT8")
+    inp.set_data_from_numpy(images.reshape(N_IMAGES, 784), binary_data=True)
+    result = triton.infer("mnist", [inp], parameters={"trace": "t1"})
+    assert result.as_numpy("digit").tolist() == predict_digits
+    assert result.get_response()["parameters"]["trace"] == "t1"
+    assert all("binary_data_size" in o["parameters"] for o in result.get_response()["outputs"])
+
+
+def test_tritonclient_errors(triton):
+    bad = httpclient.InferInput("input", [1, 784], "FP32")
+    bad.set_data_from_numpy(np.full((1, 784), 2.0, dtype=np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        triton.infer("mnist", [bad])
+    assert e.value.status() == "400" and "[0, 1]" in e.value.message()
+    ok = httpclient.InferInput("input", [1, 784], "UINT8")
+    ok.set_data_from_numpy(np.zeros((1, 784), dtype=np.uint8))
+    with pytest.raises(InferenceServerException) as e:
+        triton.infer("mnist", [ok], model_version="99")
+    assert e.value.status() == "404"
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_compressed_requests(triton, images, predict_digits, algorithm):
+    inp = httpclient.InferInput("input", [N_IMAGES, 28, 28], "UINT8")
+    inp.set_data_from_numpy(np.ascontiguousarray(images), binary_data=True)
+    result = triton.infer("mnist", [inp], request_compression_algorithm=algorithm)
+    assert result.as_numpy("digit").tolist() == predict_digits
