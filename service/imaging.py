@@ -73,8 +73,6 @@ _BMP_COMPRESSIONS = (0, 3)  # plain and bit fields: the RLE decoders are pure Py
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# PNG colour type -> Pillow mode, for 8-bit samples: gray, RGB, gray+alpha, RGBA.
-_PNG_MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}
 # The chunks a PNG's first image needs; the rest (text, which Pillow inflates while opening,
 # ICC profiles, APNG's frames) is dropped before Pillow sees the file.
 _PNG_KEPT = (b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND")
@@ -102,39 +100,6 @@ def _png_chunks(data: bytes) -> Chunks | None:
         if len(chunks) > MAX_STRUCTURE:
             raise ApiError(400, "invalid_image", f"the PNG has more than {MAX_STRUCTURE} chunks")
         pos = stop + 4
-
-
-def _plain_png(data: bytes) -> tuple[str, tuple[int, int], bytes] | None:
-    """(mode, size, zlib stream) of a well-formed, 8-bit, non-interlaced PNG without palette
-    or tRNS, else None.
-
-    This is how digits usually arrive (MNIST as PNG, a canvas export), and for
-    a 28×28 image Pillow's generic open -- plugin probing and a Python chunk
-    reader -- costs about as much again as this whole path: about 55 µs of a
-    /predict request's ~900 µs of CPU (`python bench/decode_speed.py`). Here the chunks are
-    walked with `struct`, every CRC is checked, and the pixels are still
-    inflated and unfiltered by Pillow's own PNG decoder (`Image.frombytes`
-    with the "zip" decoder, in `decode`). Anything unusual returns None and
-    takes the generic path, which gives the precise error.
-    """
-    return _plain_png_of(data, _png_chunks(data))
-
-
-def _plain_png_of(data: bytes, chunks: Chunks | None) -> tuple[str, tuple[int, int], bytes] | None:
-    """`_plain_png` from chunks already walked (the walk is the costly part)."""
-    if not chunks or chunks[0][0] != b"IHDR" or chunks[0][2] - chunks[0][1] != 25:
-        return None
-    header, idat = struct.unpack_from(">IIBBBBB", data, chunks[0][1] + 8), []
-    for kind, start, stop in chunks[1:]:
-        if kind == b"IDAT":
-            idat.append(data[start + 8 : stop - 4])
-        elif kind in (b"PLTE", b"tRNS", b"IHDR") or (kind != b"IEND" and kind[0] & 0x20 == 0):
-            return None  # a palette, a transparent colour, or a critical chunk this path does not know
-    width, height, depth, colour, compression, filtering, interlace = header
-    mode = _PNG_MODES.get(colour)
-    if mode is None or depth != 8 or compression or filtering or interlace or not idat:
-        return None
-    return mode, (width, height), b"".join(idat)
 
 
 def _webp_size(data: bytes) -> tuple[int, int] | None:
@@ -237,7 +202,6 @@ class _Probe:
     kind: str  # one of FORMATS
     data: bytes  # what Pillow opens (a PNG: its image chunks only)
     parts: int  # chunks, markers or blocks walked to find the size (MAX_REQUEST_STRUCTURE)
-    plain: tuple[str, bytes] | None = None  # a plain PNG's mode and zlib stream
 
 
 def _probe(data: bytes, max_pixels: int) -> _Probe:
@@ -259,10 +223,6 @@ def _probe(data: bytes, max_pixels: int) -> _Probe:
         if chunks is None:
             raise ApiError(400, "invalid_image", "the PNG is truncated or has a corrupt chunk")
         parts = len(chunks)
-        if (plain := _plain_png_of(data, chunks)) is not None:
-            mode, size, stream = plain
-            _check_size(size, max_pixels)
-            return _Probe(size, kind, b"", parts, (mode, stream))
         data = _PNG_SIGNATURE + b"".join(data[a:b] for k, a, b in chunks if k in _PNG_KEPT)
     elif kind == "WEBP":  # its size from the header alone: Image.open allocates the canvas
         size = _webp_size(data)
@@ -283,9 +243,6 @@ def _probe(data: bytes, max_pixels: int) -> _Probe:
 
 def _decode(probe: _Probe) -> np.ndarray:
     """The first frame of a probed image, as 8-bit gray."""
-    if probe.plain is not None:
-        mode, stream = probe.plain
-        return _to_gray(Image.frombytes(mode, probe.size, stream, "zip", mode))
     img = Image.open(io.BytesIO(probe.data), formats=(probe.kind,))
     if img.size != probe.size:  # the header said one size, the decoder found another
         raise ApiError(400, "invalid_image", f"the image is {img.size}, its header said {probe.size}")
