@@ -190,7 +190,7 @@ def test_hup_under_load_drops_nothing(gunicorn, random_models_dir, mnist):
 
 
 def test_term_finishes_in_flight_requests(gunicorn, random_models_dir, mnist):
-    """Two requests are mid-upload (one per sync worker) when TERM arrives: both are answered."""
+    """Two requests are mid-upload (each with half its body sent) when TERM arrives: both are answered."""
     server = gunicorn(random_models_dir)
     port = int(server.url.rsplit(":", 1)[1])
     body = json.dumps({"image": mnist.test_images[0].tolist()}).encode()
