@@ -65,24 +65,26 @@ def _integer(minimum: int) -> Check:
     return check
 
 
+def _float(value: Any) -> float:
+    """`value` as a float; NaN for what is no number (a boolean among them), which every range refuses."""
+    try:
+        return math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def _number(name: str, value: Any) -> float:
     """A non-negative, finite float (seconds)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not (math.isfinite(number) and number >= 0):
+    number = _float(value)
+    if not (math.isfinite(number) and number >= 0):
         raise _refuse(name, value, "a positive number or 0")
     return number
 
 
 def _fraction(name: str, value: Any) -> float:
     """A float from 0 to 1: an accuracy, never a percentage."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not 0 <= number <= 1:
+    number = _float(value)
+    if not 0 <= number <= 1:
         raise _refuse(name, value, "a positive fraction from 0 to 1 (0.98 = 98%)")
     return number
 
