@@ -119,4 +119,5 @@ class DataPlane:
         every protocol (`metrics.count_predictions`)."""
         if self.metrics is not None:
             label = version_label(self.registry, model)
-            count_predictions(self.metrics, model.name, label, digits, probs.max(axis=1))
+            digits_seen = np.asarray(digits).ravel().tolist()
+            count_predictions(self.metrics, model.name, label, digits_seen, np.max(probs, axis=1).tolist())

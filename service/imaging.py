@@ -223,7 +223,13 @@ def _probe(data: bytes, max_pixels: int) -> _Probe:
         if chunks is None:
             raise ApiError(400, "invalid_image", "the PNG is truncated or has a corrupt chunk")
         parts = len(chunks)
-        data = _PNG_SIGNATURE + b"".join(data[a:b] for k, a, b in chunks if k in _PNG_KEPT)
+        kept = _PNG_SIGNATURE + b"".join(data[a:b] for k, a, b in chunks if k in _PNG_KEPT)
+        kind_of_first, start, stop = chunks[0]
+        if kind_of_first == b"IHDR" and stop - start == 25:  # its size, read once by the walk above
+            size = struct.unpack_from(">II", data, start + 8)
+            _check_size(size, max_pixels)
+            return _Probe(size, kind, kept, parts)
+        data = kept  # Pillow describes what is wrong with the header
     elif kind == "WEBP":  # its size from the header alone: Image.open allocates the canvas
         size = _webp_size(data)
         if size is None:

@@ -38,10 +38,10 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter as Tally
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from flask import Flask, Response, g, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -174,13 +174,15 @@ def exposition(metrics: Metrics) -> bytes:
     return generate_latest(metrics.registry)
 
 
-def count_predictions(metrics: Metrics, name: str, version: str, digits: object, confidences: object) -> None:
+def count_predictions(
+    metrics: Metrics, name: str, version: str, digits: Sequence[int], confidences: Sequence[float]
+) -> None:
     """One count per predicted image, by digit, and its confidence, under the version that answered:
     the data plane (service/dataplane.py) calls it for every protocol."""
-    for digit, n in Tally(np.asarray(digits, dtype=np.int64).ravel().tolist()).items():
+    for digit, n in Tally(digits).items():
         metrics.child(metrics.predictions, str(digit), name, version).inc(n)
     histogram = metrics.child(metrics.confidence, name, version)
-    for c in np.asarray(confidences, dtype=np.float64).ravel().tolist():
+    for c in confidences:
         histogram.observe(c)
 
 
