@@ -42,13 +42,6 @@ def _tmp_base() -> str | None:
 
 
 wsgi_app = "service.wsgi:app"
-# Used by the workers' hooks below.
-_grpc = {
-    "port": settings.grpc_port,
-    "threads": settings.grpc_threads,
-    "max_concurrent_rpcs": settings.grpc_max_concurrent_rpcs,
-    "grace_seconds": settings.grpc_grace_seconds,
-}
 bind = [f"0.0.0.0:{settings.port}"]
 workers = settings.web_concurrency
 # gthread keeps connections alive and serves them from a thread pool; sync also works.
@@ -119,11 +112,11 @@ def post_worker_init(worker):
     registry = getattr(worker.wsgi, "extensions", {}).get("registry")  # every model's poller
     if registry is not None:
         registry.ensure_polling()
-    if registry is not None and _grpc["port"]:
+    if registry is not None and settings.grpc_port:
         # Imported here, in the worker: grpc must not be initialised before the fork.
         from service import grpc_server
 
-        grpc_server.attach(worker, grpc_server.Settings(**_grpc))
+        grpc_server.attach(worker, settings)
 
 
 def worker_exit(server, worker):

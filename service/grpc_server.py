@@ -42,7 +42,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -51,6 +50,7 @@ from flask import Flask
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from core.settings import Settings
 from service import v2_codec as codec
 from service.dataplane import DataPlane
 from service.errors import ApiError
@@ -70,16 +70,6 @@ STATUS_CODES = {
 }
 # Which typed `contents` field carries each input datatype (the protocol's choice).
 CONTENTS_FIELD = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The server's settings (gunicorn.conf.py reads them from the environment)."""
-
-    port: int = 8001
-    threads: int = 4
-    max_concurrent_rpcs: int = 64
-    grace_seconds: float = 10.0
 
 
 class _Undecodable:
@@ -255,24 +245,24 @@ class GrpcServer:
     """A started grpc server plus its health service; `shutdown` is idempotent."""
 
     def __init__(self, app: Flask, settings: Settings) -> None:
-        self.settings = settings
+        self.grace_seconds = settings.grpc_grace_seconds
         limit = int(app.config["MAX_CONTENT_LENGTH"])
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="grpc"),
+            futures.ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc"),
             options=[
                 ("grpc.so_reuseport", 1),  # every worker listens on the one port
                 ("grpc.max_receive_message_length", limit),  # as MAX_CONTENT_LENGTH bounds a REST body
                 ("grpc.max_send_message_length", limit),
             ],
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         )
         self.server.add_generic_rpc_handlers((generic_handler(InferenceServicer(app)),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        models = app.extensions["models"]
-        self._set_health(models.current() is not None)
-        models.add_listener(lambda event, **info: event == "loaded" and self._set_health(True))
-        self.port = self.server.add_insecure_port(f"[::]:{settings.port}")
+        plane: DataPlane = app.extensions["dataplane"]
+        self._set_health(plane.ready())
+        plane.manager(None).add_listener(lambda event, **info: event == "loaded" and self._set_health(True))
+        self.port = self.server.add_insecure_port(f"[::]:{settings.grpc_port}")
         self._stopped: threading.Event | None = None
         self._lock = threading.Lock()
 
@@ -292,7 +282,7 @@ class GrpcServer:
         with self._lock:
             if self._stopped is None:
                 self.health.enter_graceful_shutdown()
-                self._stopped = self.server.stop(self.settings.grace_seconds)
+                self._stopped = self.server.stop(self.grace_seconds)
             return self._stopped
 
 
@@ -316,4 +306,4 @@ def detach(worker: Any) -> None:
     """The worker is exiting: wait for in-flight RPCs, within the grace period."""
     server: GrpcServer | None = getattr(worker, "grpc_server", None)
     if server is not None:
-        server.shutdown().wait(server.settings.grace_seconds + 1)
+        server.shutdown().wait(server.grace_seconds + 1)
