@@ -49,7 +49,7 @@ def noop() -> Response:
 
 @bp.post("/no-forward")
 def no_forward() -> Response:
-    model = current_app.extensions["models"].get(None)
+    model = current_app.extensions["dataplane"].model(None)
     api._read_images(request, current_app.config, True)
     cache = current_app.extensions["ablation"]
     if cache.get("model") is not model:  # once per model, not per request
@@ -60,7 +60,7 @@ def no_forward() -> Response:
 
 @bp.post("/no-decode")
 def no_decode() -> Response:
-    model = current_app.extensions["models"].get(None)
+    model = current_app.extensions["dataplane"].model(None)
     digits, probs = classify(model, current_app.extensions["ablation"]["digit"])
     current_app.extensions["dataplane"].count(model, digits, probs)
     return api.predictions_response(model, digits, probs, batch=False)

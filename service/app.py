@@ -58,8 +58,6 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )
     registry.scan()
     app.extensions["registry"] = registry
-    # MODEL_NAME's manager, the one /readyz and the metrics' model gauge follow.
-    app.extensions["models"] = registry.default
     # Polling starts lazily in the process that serves: threads do not survive fork.
     app.before_request(registry.ensure_polling)
     app.before_request(_start_clock)

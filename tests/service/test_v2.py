@@ -183,7 +183,7 @@ def test_malformed_json_header():
 
 
 def test_encode_binary_outputs_round_trip(app, mnist):
-    model = app.extensions["models"].current()
+    model = app.extensions["registry"].default.current()
     x = to_vectors(mnist.test_images[:5])
     req = v2.InferRequest("r1", {"p": 1}, x, (("probabilities", True), ("digit", False)))
     results = app.extensions["dataplane"].infer(model, x)
