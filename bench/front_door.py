@@ -5,7 +5,7 @@
 
 Brings the compose stack up under a project of its own (`docker compose up
 --build --wait`, the settings of docker-compose.yml plus `HOST_MODELS_DIR` and
-`HOST_PORT`), then alternates three ways to reach the same replicas with wrk (one
+`HOST_PORT`), then alternates four ways to reach the same replicas with wrk (one
 thread, PNG POST /predict), at 8 and 64 connections:
 
 - `published`: the published port on 127.0.0.1, through Docker's port proxy
