@@ -44,9 +44,15 @@ def _tmp_base() -> str | None:
 wsgi_app = "service.wsgi:app"
 bind = [f"0.0.0.0:{settings.port}"]
 workers = settings.web_concurrency
-# gthread keeps connections alive and serves them from a thread pool; sync also works.
-worker_class = settings.gunicorn_worker_class
-threads = settings.gunicorn_threads
+# gevent (the default, where clients reach gunicorn directly): every connection of a worker is a
+# greenlet of its one thread, so a request costs no hand-off between threads; gunicorn's own
+# gevent worker with two changes, service/gevent_worker.py. Behind nginx each replica runs one
+# single-threaded gthread worker (docs/deploy.md). `sync` also works.
+worker_class = {"gevent": "service.gevent_worker.GeventWorker"}.get(
+    settings.gunicorn_worker_class, settings.gunicorn_worker_class
+)
+# Threads are gthread's alone: gunicorn would turn a sync worker with threads > 1 into gthread.
+threads = settings.gunicorn_threads if settings.gunicorn_worker_class == "gthread" else 1
 # A gthread worker accepts every connection it can, so keep-alive clients that connect
 # together (a load balancer's pool, a benchmark) can all land on one worker while the other
 # core idles: with 2 workers on 2 cores /predict ran at ~620 req/s in such runs, ~1300 otherwise.
@@ -54,7 +60,14 @@ threads = settings.gunicorn_threads
 # other workers, and beyond one parked keep-alive a worker answers "Connection: close", so
 # clients reconnect and spread again. A lone worker (one per replica behind nginx, which balances
 # the replicas itself) has no one to share with: it keeps every connection nginx reuses.
-worker_connections = settings.gunicorn_worker_connections or (threads + 1 if workers > 1 else 1000)
+# A gevent worker that is computing does not accept, so the others take new connections; it
+# keeps gunicorn's default of 1000 greenlets.
+if settings.gunicorn_worker_connections:
+    worker_connections = settings.gunicorn_worker_connections
+elif settings.gunicorn_worker_class == "gthread" and workers > 1:
+    worker_connections = threads + 1
+else:
+    worker_connections = 1000
 # nginx refuses oversized requests first, with JSON (large_client_header_buffers 4 4k in
 # deploy/nginx/nginx.conf: 414 for the request line, 431 for headers): gunicorn's own limits sit
 # above nginx's, so its plain-text 400 never reaches a client through nginx.

@@ -325,7 +325,12 @@ class Settings:
         deploy=True,
     )
     gunicorn_worker_class: str = _setting(
-        "gthread", _text, "gunicorn worker class (`sync` also works).", "gunicorn", deploy=True
+        "gevent",
+        _text,
+        "gunicorn worker class: `gevent` (greenlets in one thread, service/gevent_worker.py), "
+        "`gthread` (a thread pool; behind nginx, one thread a replica) or `sync`.",
+        "gunicorn",
+        deploy=True,
     )
     gunicorn_threads: int = _setting(
         4, _integer(1), "Threads per gthread worker. Behind nginx: `1`.", "gunicorn", deploy=True
@@ -333,10 +338,11 @@ class Settings:
     gunicorn_worker_connections: int | None = _setting(
         None,
         _optional(_integer(1)),
-        "Connections one worker holds at once, so that keep-alive clients spread over the workers.",
+        "Connections one worker holds at once; for gthread, so that keep-alive clients spread over "
+        "the workers.",
         "gunicorn",
         deploy=True,
-        shown="threads + 1; 1000 for a lone worker",
+        shown="gthread: threads + 1, 1000 for a lone worker; gevent: 1000",
     )
     gunicorn_timeout: int = _setting(
         30, _integer(0), "Seconds before a silent worker is killed and replaced.", "gunicorn"

@@ -49,6 +49,7 @@ FIXED = {
 BEHIND_NGINX = {
     # one single-threaded worker a replica, which nginx balances (docs/deploy.md)
     "WEB_CONCURRENCY": "1",
+    "GUNICORN_WORKER_CLASS": "gthread",
     "GUNICORN_THREADS": "1",
     # nginx writes one access line per request already
     "ACCESS_LOG": "errors",

@@ -62,13 +62,15 @@ def test_concurrent_clients(served, mnist, trained_net):
     assert all(r == expected for r in results)
 
 
-def test_keep_alive_clients_spread_over_both_workers(gunicorn, random_models_dir):
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_keep_alive_clients_spread_over_both_workers(gunicorn, random_models_dir, worker_class):
     """8 keep-alive clients that connect together must not all land on one worker.
 
     A gthread worker accepts every connection it can; without the per-worker cap in
     gunicorn.conf.py (threads + 1) one worker could take them all and leave a core idle.
+    A gevent worker that is computing does not accept, so the other one takes the rest.
     """
-    server = gunicorn(random_models_dir)
+    server = gunicorn(random_models_dir, GUNICORN_WORKER_CLASS=worker_class)
     n_clients, per_client = 8, 30
     body = png_bytes(np.zeros((28, 28), np.uint8))
     client = rest(server.url, body, request_id="spread-{client}-{i}")
@@ -242,18 +244,26 @@ def test_malformed_gunicorn_setting_stops_the_start_naming_it(name, value):
 CONFIG_VALUES = (
     "import runpy, json\n"
     "c = runpy.run_path('gunicorn.conf.py')\n"
-    "print(json.dumps([c['threads'], c['worker_connections']]))\n"
+    "print(json.dumps([c['worker_class'], c['threads'], c['worker_connections']]))\n"
 )
+GEVENT = "service.gevent_worker.GeventWorker"
 
 
 def test_worker_connection_cap_follows_threads_unless_set():
     base = {k: v for k, v in os.environ.items() if not k.startswith("GUNICORN_")}
 
-    def settings(**extra: str) -> list[int]:
+    def settings(**extra: str) -> list:
         cmd = [sys.executable, "-c", CONFIG_VALUES]
         out = subprocess.run(cmd, cwd=ROOT, env={**base, **extra}, capture_output=True, text=True, check=True)
         return json.loads(out.stdout)
 
-    assert settings() == [4, 5]  # threads + 1: one parked keep-alive per worker
-    assert settings(GUNICORN_THREADS="2") == [2, 3]
-    assert settings(GUNICORN_WORKER_CONNECTIONS="50") == [4, 50]
+    # gevent, the default: one thread, gunicorn's 1000 greenlets (a computing worker does not accept)
+    assert settings() == [GEVENT, 1, 1000]
+    assert settings(GUNICORN_THREADS="8") == [GEVENT, 1, 1000]
+    gthread = {"GUNICORN_WORKER_CLASS": "gthread"}
+    assert settings(**gthread) == ["gthread", 4, 5]  # threads + 1: one parked keep-alive per worker
+    assert settings(**gthread, GUNICORN_THREADS="2") == ["gthread", 2, 3]
+    assert settings(**gthread, GUNICORN_WORKER_CONNECTIONS="50") == ["gthread", 4, 50]
+    assert settings(**gthread, WEB_CONCURRENCY="1") == ["gthread", 4, 1000]  # a lone worker keeps them all
+    # sync stays sync: gunicorn would make a sync worker with threads > 1 a gthread one
+    assert settings(GUNICORN_WORKER_CLASS="sync") == ["sync", 1, 1000]
