@@ -41,6 +41,8 @@ def _tmp_base() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
+GEVENT_CONNECTIONS = 64
+
 wsgi_app = "service.wsgi:app"
 bind = [f"0.0.0.0:{settings.port}"]
 workers = settings.web_concurrency
@@ -60,11 +62,14 @@ threads = settings.gunicorn_threads if settings.gunicorn_worker_class == "gthrea
 # other workers, and beyond one parked keep-alive a worker answers "Connection: close", so
 # clients reconnect and spread again. A lone worker (one per replica behind nginx, which balances
 # the replicas itself) has no one to share with: it keeps every connection nginx reuses.
-# A gevent worker that is computing does not accept, so the others take new connections; it
-# keeps gunicorn's default of 1000 greenlets.
+# A gevent worker that is computing does not accept, so the others take new connections. Its
+# greenlets read bodies side by side (one computes at a time), so its 64 connections bound the
+# bodies it holds to 64 x MAX_CONTENT_LENGTH.
 if settings.gunicorn_worker_connections:
     worker_connections = settings.gunicorn_worker_connections
-elif settings.gunicorn_worker_class == "gthread" and workers > 1:
+elif settings.gunicorn_worker_class == "gevent":
+    worker_connections = GEVENT_CONNECTIONS
+elif workers > 1:
     worker_connections = threads + 1
 else:
     worker_connections = 1000
@@ -130,6 +135,8 @@ def post_worker_init(worker):
         from service import grpc_server
 
         grpc_server.attach(worker, settings)
+    # The last step before the worker takes connections: tests (and operators) wait for this line.
+    worker.log.info("Worker ready (pid: %s)", worker.pid)
 
 
 def worker_exit(server, worker):

@@ -342,7 +342,7 @@ class Settings:
         "the workers.",
         "gunicorn",
         deploy=True,
-        shown="gthread: threads + 1, 1000 for a lone worker; gevent: 1000",
+        shown="gevent: 64; gthread: threads + 1, 1000 for a lone worker",
     )
     gunicorn_timeout: int = _setting(
         30, _integer(0), "Seconds before a silent worker is killed and replaced.", "gunicorn"

@@ -203,12 +203,15 @@ class Server:
         return self.proc.returncode
 
     def wait_workers(self, n: int, exclude: set[int] = frozenset(), timeout: float = 20) -> set[int]:
-        """Wait until n workers not in `exclude` are alive and the server answers."""
+        """Wait until n workers not in `exclude` are alive and each has logged that it is ready
+        (gunicorn.conf.py's post_worker_init): a booting gevent worker is alive before it accepts."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pids = self.workers()
             if len(pids) == n and not pids & exclude:
-                return pids
+                logs = self.logs()
+                if all(f"Worker ready (pid: {pid})" in logs for pid in pids):
+                    return pids
             time.sleep(0.1)
         raise AssertionError(f"workers {self.workers()} after {timeout}s\n{self.logs()[-3000:]}")
 

@@ -85,8 +85,11 @@ def test_keep_alive_clients_spread_over_both_workers(gunicorn, random_models_dir
             if doc.get("path") == "/predict":
                 served_by[doc["pid"]] = served_by.get(doc["pid"], 0) + 1
     assert sum(served_by.values()) == n_clients * per_client, served_by
-    # 8/0 and 7/1 splits fail (a lone client finishes its 30 alone); with the cap >= 3 clients start on each.
-    assert len(served_by) == 2 and min(served_by.values()) > per_client * 4 / 3, served_by
+    assert len(served_by) == 2, served_by  # 8/0 fails
+    if worker_class == "gthread":
+        # 7/1 fails too (a lone client finishes its 30 alone): with the cap >= 3 clients start on each.
+        assert min(served_by.values()) > per_client * 4 / 3, served_by
+    # gevent's pacing is a rough least-connections: 7/1 happens (about 1 run in 10 here)
 
 
 THREADS_AFTER_NUMPY = (
@@ -257,13 +260,13 @@ def test_worker_connection_cap_follows_threads_unless_set():
         out = subprocess.run(cmd, cwd=ROOT, env={**base, **extra}, capture_output=True, text=True, check=True)
         return json.loads(out.stdout)
 
-    # gevent, the default: one thread, gunicorn's 1000 greenlets (a computing worker does not accept)
-    assert settings() == [GEVENT, 1, 1000]
-    assert settings(GUNICORN_THREADS="8") == [GEVENT, 1, 1000]
+    # gevent, the default: one thread, 64 greenlets (a computing worker does not accept)
+    assert settings() == [GEVENT, 1, 64]
+    assert settings(GUNICORN_THREADS="8") == [GEVENT, 1, 64]
     gthread = {"GUNICORN_WORKER_CLASS": "gthread"}
     assert settings(**gthread) == ["gthread", 4, 5]  # threads + 1: one parked keep-alive per worker
     assert settings(**gthread, GUNICORN_THREADS="2") == ["gthread", 2, 3]
     assert settings(**gthread, GUNICORN_WORKER_CONNECTIONS="50") == ["gthread", 4, 50]
     assert settings(**gthread, WEB_CONCURRENCY="1") == ["gthread", 4, 1000]  # a lone worker keeps them all
     # sync stays sync: gunicorn would make a sync worker with threads > 1 a gthread one
-    assert settings(GUNICORN_WORKER_CLASS="sync") == ["sync", 1, 1000]
+    assert settings(GUNICORN_WORKER_CLASS="sync") == ["sync", 1, 2]
