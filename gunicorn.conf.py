@@ -48,7 +48,7 @@ bind = [f"0.0.0.0:{settings.port}"]
 workers = settings.web_concurrency
 # gevent (the default, where clients reach gunicorn directly): every connection of a worker is a
 # greenlet of its one thread, so a request costs no hand-off between threads; gunicorn's own
-# gevent worker with two changes, service/gevent_worker.py. Behind nginx each replica runs one
+# gevent worker with three changes, service/gevent_worker.py. Behind nginx each replica runs one
 # single-threaded gthread worker (docs/deploy.md). `sync` also works.
 worker_class = {"gevent": "service.gevent_worker.GeventWorker"}.get(
     settings.gunicorn_worker_class, settings.gunicorn_worker_class

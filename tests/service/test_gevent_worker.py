@@ -1,9 +1,11 @@
 """service/gevent_worker.py, the default worker class, in a real gunicorn.
 
-Its other change, native threads beside the hub, is what lets
-tests/service/test_grpc.py::test_term_lets_in_flight_calls_finish pass under
-it: with `threading` patched too, the calls grpc had received but not yet
-matched were cancelled at TERM.
+Its other changes are tested where they matter: native threads beside the
+hub let tests/service/test_grpc.py::test_term_lets_in_flight_calls_finish
+pass under it (with `threading` patched too, the calls grpc had received but
+not yet matched were cancelled at TERM), and paced accepts spread clients
+that connect together over the workers
+(tests/service/test_gunicorn.py::test_keep_alive_clients_spread_over_both_workers).
 """
 
 from __future__ import annotations
