@@ -47,9 +47,8 @@ FIXED = {
 }
 # Compose's and Swarm's defaults that differ from the class's, on purpose.
 BEHIND_NGINX = {
-    # one single-threaded worker a replica, which nginx balances (docs/deploy.md)
+    # one worker a replica, which nginx balances (docs/deploy.md); one thread should it be gthread
     "WEB_CONCURRENCY": "1",
-    "GUNICORN_WORKER_CLASS": "gthread",
     "GUNICORN_THREADS": "1",
     # nginx writes one access line per request already
     "ACCESS_LOG": "errors",
