@@ -46,10 +46,10 @@ GEVENT_CONNECTIONS = 64
 wsgi_app = "service.wsgi:app"
 bind = [f"0.0.0.0:{settings.port}"]
 workers = settings.web_concurrency
-# gevent (the default, where clients reach gunicorn directly): every connection of a worker is a
-# greenlet of its one thread, so a request costs no hand-off between threads; gunicorn's own
-# gevent worker with three changes, service/gevent_worker.py. Behind nginx each replica runs one
-# single-threaded gthread worker (docs/deploy.md). `sync` also works.
+# gevent (the default): every connection of a worker is a greenlet of its one thread, so a
+# request costs no hand-off between threads; gunicorn's own gevent worker with three changes,
+# service/gevent_worker.py. Behind nginx each replica runs one gevent worker (docs/deploy.md).
+# `gthread` and `sync` also work.
 worker_class = {"gevent": "service.gevent_worker.GeventWorker"}.get(
     settings.gunicorn_worker_class, settings.gunicorn_worker_class
 )

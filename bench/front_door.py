@@ -212,6 +212,7 @@ def main() -> int:
         API_REPLICAS=str(args.replicas),
     )  # fmt: skip
     published = f"http://127.0.0.1:{port}"
+    finished = False  # a failed run takes its stack down even with --keep-up
     try:
         compose(project, env, "up", "-d", "--build", "--wait")
         wait_ready(published)
@@ -249,9 +250,10 @@ def main() -> int:
             Path(args.json).write_text(json.dumps(report, indent=2))
         if args.keep_up:
             print(f"\nthe stack stays up on {published} (docker compose -p {project} down -v to stop it)")
+        finished = True
         return 0
     finally:
-        if not args.keep_up:
+        if not (args.keep_up and finished):
             subprocess.run(
                 ["docker", "compose", "-p", project, "down", "-v", "--remove-orphans", "--timeout", "10"],
                 cwd=ROOT, env=env, capture_output=True, timeout=300,

@@ -328,7 +328,7 @@ class Settings:
         "gevent",
         _text,
         "gunicorn worker class: `gevent` (greenlets in one thread, service/gevent_worker.py), "
-        "`gthread` (a thread pool; behind nginx, one thread a replica) or `sync`.",
+        "`gthread` (a thread pool) or `sync`. Behind nginx: one gevent worker a replica.",
         "gunicorn",
         deploy=True,
     )

@@ -1,4 +1,4 @@
-"""gunicorn's gevent worker, for a host where clients reach gunicorn directly.
+"""gunicorn's gevent worker: on a host, in a pod, and in each replica behind nginx.
 
 One thread serves every connection of a worker as a greenlet, so a request
 costs no hand-off between threads: with gthread the main thread's poller
@@ -27,8 +27,8 @@ Three changes to gunicorn's own `GeventWorker`:
   pauses accepting for half a millisecond per connection it holds, so that
   clients connecting together reach every worker (`_PacedServer`).
 
-`GUNICORN_WORKER_CLASS=gevent` selects it (gunicorn.conf.py); behind nginx
-the replicas run gthread (docs/deploy.md).
+`GUNICORN_WORKER_CLASS=gevent` selects it (gunicorn.conf.py, the default); behind
+nginx each replica runs one such worker (docs/deploy.md).
 """
 
 from __future__ import annotations
