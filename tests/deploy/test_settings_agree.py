@@ -288,3 +288,18 @@ def test_other_docs_tables_state_the_class_s_defaults() -> None:
                 assert stated == "unset" and expected == "", f"{path.name}: {line}"
             checked += 1
     assert checked >= 8  # docs/api.md's limits and docs/feedback.md's settings at least
+
+
+def test_a_replica_holds_every_connection_nginx_keeps_to_it() -> None:
+    """nginx holds at most `max_conns` requests in flight to a replica, plus `keepalive` idle
+    connections per nginx worker; a gevent replica (compose's and Swarm's) holds at most
+    GEVENT_CONNECTIONS. Were nginx's budget the larger, a full replica would stop accepting
+    and nginx's connects would time out, instead of nginx shedding at once with its 503."""
+    conf = (ROOT / "deploy/nginx/nginx.conf").read_text()
+    workers = int(re.search(r"^worker_processes (\d+);", conf, re.M).group(1))
+    upstream = re.search(r"upstream api_http \{(.*?)\}", conf, re.S).group(1)
+    in_flight = int(re.search(r"server api:8000 resolve max_conns=(\d+)", upstream).group(1))
+    idle = int(re.search(r"^\s*keepalive (\d+);", upstream, re.M).group(1))
+    gunicorn_conf = (ROOT / "gunicorn.conf.py").read_text()
+    held = int(re.search(r"^GEVENT_CONNECTIONS = (\d+)$", gunicorn_conf, re.M).group(1))
+    assert in_flight + idle * workers <= held, (in_flight, idle, workers, held)
