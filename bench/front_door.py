@@ -1,7 +1,7 @@
 """Serving through the front door, as `docker compose up` runs it, and where the CPU goes.
 
     python -m bench.front_door [--models-dir DIR] [--rounds 3] [--duration 5] [--replicas 2]
-                               [--keep-up] [--port 18000]
+                               [--keep-up] [--port 18000] [--against-nginx FILE]
 
 Brings the compose stack up under a project of its own (`docker compose up
 --build --wait`, the settings of docker-compose.yml plus `HOST_MODELS_DIR` and
@@ -28,6 +28,12 @@ port give the shed rate (503 + Retry-After) beyond the in-flight cap.
 
 Medians over the rounds are printed, with the front door's cost against the
 replicas reached directly: 1 - published req/s / direct req/s.
+
+`--against-nginx FILE` measures a change to nginx's settings in the same
+run: nginx then reads a copy of deploy/nginx/nginx.conf, and in every round
+the three paths through nginx run once with it and once with FILE written
+over it in place (`nginx -s reload` between them, then a short warm-up).
+FILE's rows carry a trailing `*`.
 """
 
 from __future__ import annotations
@@ -198,6 +204,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0, help="published port (default: a free one)")
     parser.add_argument("--keep-up", action="store_true", help="leave the stack running (e.g. for the peers)")
     parser.add_argument("--json", help="also write the medians to this file")
+    parser.add_argument(
+        "--against-nginx", metavar="FILE", help="a second nginx.conf, alternated with the shipped one"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="front-door-bench-"))
@@ -212,9 +221,20 @@ def main() -> int:
         API_REPLICAS=str(args.replicas),
     )  # fmt: skip
     published = f"http://127.0.0.1:{port}"
+    shipped_conf = (ROOT / "deploy/nginx/nginx.conf").read_text()
+    confs = {"": shipped_conf}
+    files: list[str] = []
+    if args.against_nginx:
+        confs["*"] = Path(args.against_nginx).read_text()
+        conf = work / "nginx.conf"
+        conf.write_text(shipped_conf)
+        conf.chmod(0o644)  # nginx's uid reads it
+        override = work / "compose.nginx.yml"
+        override.write_text(f"services:\n  nginx:\n    volumes:\n      - {conf}:/etc/nginx/nginx.conf:ro\n")
+        files = ["-f", str(ROOT / "docker-compose.yml"), "-f", str(override)]
     finished = False  # a failed run takes its stack down even with --keep-up
     try:
-        compose(project, env, "up", "-d", "--build", "--wait")
+        compose(project, env, *files, "up", "-d", "--build", "--wait")
         wait_ready(published)
         parts = containers(project)
         nginx = next(c for c in parts if c.name == "nginx")
@@ -231,16 +251,30 @@ def main() -> int:
                 [f"http://{r.address}:8000/predict" for r in replicas], script, c, args.duration
             ),
         }
+
+        def use_conf(mark: str) -> None:
+            if len(confs) > 1:
+                conf.write_text(confs[mark])  # in place: the bind mount keeps the same file
+                reload = ["docker", "exec", nginx.id, "nginx", "-s", "reload"]
+                subprocess.run(reload, check=True, capture_output=True)
+                time.sleep(1.0)  # the old workers hand over; then the kept connections refill
+                targets["in-network"](8)
+
         for run in targets.values():  # warm-up
             run(8)
         runs: dict[tuple[str, int], list[dict]] = {}
         for i in range(args.rounds):
             for conns in (8, 64):
-                for name, run in targets.items():
-                    result = measured(parts, lambda run=run, conns=conns: run(conns), args.duration)
-                    runs.setdefault((name, conns), []).append(result)
+                for mark in confs:
+                    use_conf(mark)
+                    for name, run in targets.items():
+                        if name == "direct" and mark:
+                            continue  # no nginx in the path
+                        result = measured(parts, lambda run=run, conns=conns: run(conns), args.duration)
+                        runs.setdefault((name + mark, conns), []).append(result)
             line = "  ".join(f"{n} c{c} {r[-1]['rps']:5.0f}" for (n, c), r in runs.items())
             print(f"round {i + 1}: {line} req/s", flush=True)
+        use_conf("")  # the shed runs and whatever follows (--keep-up) see the shipped settings
         shed = [
             measured(parts, lambda: targets["published"](256), args.duration)
             for _ in range(args.rounds)
@@ -265,7 +299,7 @@ def summarise(runs: dict, shed: list[dict], args: argparse.Namespace, model_desc
     print(f"\nmodel: {model_desc}; {args.replicas} replicas behind nginx; {os.cpu_count()} CPUs")
     print(f"wrk: 1 thread, {args.duration:g} s x {args.rounds} rounds, PNG POST /predict; medians")
     print("CPU seconds per 1,000 requests, by process:")
-    header = f"{'target':13} {'conns':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7}"
+    header = f"{'target':14} {'conns':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7}"
     print(header + "".join(f" {p[:12]:>12}" for p in parts))
     report: dict = {"runs": {}}
     for (name, conns), rs in [*runs.items(), (("published", 256), shed)]:
@@ -273,14 +307,14 @@ def summarise(runs: dict, shed: list[dict], args: argparse.Namespace, model_desc
         cpu = {p: statistics.median(r["cpu_per_1k"][p] for r in rs) for p in parts}
         bad = sum(r["non2xx"] for r in rs)
         report["runs"][f"{name} c{conns}"] = {**med, "non2xx": bad, "cpu_per_1k": cpu}
-        row = f"{name:13} {conns:5} {med['rps']:7.0f} {med['p50']:7.2f} {med['p99']:7.2f} {bad:7}"
+        row = f"{name:14} {conns:5} {med['rps']:7.0f} {med['p50']:7.2f} {med['p99']:7.2f} {bad:7}"
         print(row + "".join(f" {cpu[p]:12.3f}" for p in parts))
     rates = [r["non2xx"] / max(1.0, r["rps"] * args.duration) for r in shed]
     print(f"shed rate at 256 connections (503 + Retry-After): {statistics.median(rates):.0%}")
     errors = [r["socket_errors"] for rs in [*runs.values(), shed] for r in rs if r["socket_errors"]]
     if errors:
         print(f"!! socket errors: {errors}")
-    for path in ("published", "published-nat", "in-network"):
+    for path in [name for name in dict.fromkeys(n for n, _ in runs) if name != "direct"]:
         for conns in (8, 64):
             cost = [
                 1 - f["rps"] / d["rps"]
