@@ -149,6 +149,19 @@ def host_cpu(names: tuple[str, ...] = HOST_PROCESSES) -> dict[str, float]:
     return totals
 
 
+def userland_proxy(port: int) -> bool:
+    """Whether Docker's userland proxy carries the published port (dockerd's default), or the
+    kernel's NAT does (`"userland-proxy": false` in daemon.json)."""
+    for entry in os.scandir("/proc"):
+        try:
+            args = Path(entry.path, "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if args and args[0].endswith(b"docker-proxy") and str(port).encode() in args:
+            return True
+    return False
+
+
 def cpu_snapshot(parts: list[Container]) -> dict[str, float]:
     snap = {c.name: container_cpu(c) for c in parts}
     snap.update(host_cpu())
@@ -236,6 +249,7 @@ def main() -> int:
     try:
         compose(project, env, *files, "up", "-d", "--build", "--wait")
         wait_ready(published)
+        args.userland_proxy = userland_proxy(port)
         parts = containers(project)
         nginx = next(c for c in parts if c.name == "nginx")
         replicas = [c for c in parts if c.name.startswith("api-")]
@@ -298,6 +312,8 @@ def summarise(runs: dict, shed: list[dict], args: argparse.Namespace, model_desc
     parts = list(next(iter(runs.values()))[0]["cpu_per_1k"])
     print(f"\nmodel: {model_desc}; {args.replicas} replicas behind nginx; {os.cpu_count()} CPUs")
     print(f"wrk: 1 thread, {args.duration:g} s x {args.rounds} rounds, PNG POST /predict; medians")
+    carrier = "Docker's userland proxy (docker-proxy)" if args.userland_proxy else "the kernel's NAT"
+    print(f"the published port on 127.0.0.1 is carried by {carrier}")
     print("CPU seconds per 1,000 requests, by process:")
     header = f"{'target':14} {'conns':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7}"
     print(header + "".join(f" {p[:12]:>12}" for p in parts))
