@@ -134,11 +134,9 @@ def _usage_usec(text: str) -> float:
 def host_cpu(names: tuple[str, ...] = HOST_PROCESSES) -> dict[str, float]:
     """CPU seconds of the host's Docker plumbing, summed by process name (read from /proc)."""
     totals = dict.fromkeys(names, 0.0)
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+    for proc in _processes():
         try:
-            stat = Path(entry.path, "stat").read_text()
+            stat = (proc / "stat").read_text()
         except OSError:
             continue
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
@@ -152,14 +150,18 @@ def host_cpu(names: tuple[str, ...] = HOST_PROCESSES) -> dict[str, float]:
 def userland_proxy(port: int) -> bool:
     """Whether Docker's userland proxy carries the published port (dockerd's default), or the
     kernel's NAT does (`"userland-proxy": false` in daemon.json)."""
-    for entry in os.scandir("/proc"):
+    for proc in _processes():
         try:
-            args = Path(entry.path, "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+            args = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if args and args[0].endswith(b"docker-proxy") and str(port).encode() in args:
+        if args[0].endswith(b"docker-proxy") and str(port).encode() in args:
             return True
     return False
+
+
+def _processes() -> list[Path]:
+    return [Path(e.path) for e in os.scandir("/proc") if e.name.isdigit()]
 
 
 def cpu_snapshot(parts: list[Container]) -> dict[str, float]:
@@ -249,7 +251,7 @@ def main() -> int:
     try:
         compose(project, env, *files, "up", "-d", "--build", "--wait")
         wait_ready(published)
-        args.userland_proxy = userland_proxy(port)
+        proxied = userland_proxy(port)
         parts = containers(project)
         nginx = next(c for c in parts if c.name == "nginx")
         replicas = [c for c in parts if c.name.startswith("api-")]
@@ -293,7 +295,7 @@ def main() -> int:
             measured(parts, lambda: targets["published"](256), args.duration)
             for _ in range(args.rounds)
         ]  # fmt: skip
-        report = summarise(runs, shed, args, model_desc)
+        report = summarise(runs, shed, args, model_desc, proxied)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2))
         if args.keep_up:
@@ -308,11 +310,11 @@ def main() -> int:
             )  # fmt: skip
 
 
-def summarise(runs: dict, shed: list[dict], args: argparse.Namespace, model_desc: str) -> dict:
+def summarise(runs: dict, shed: list[dict], args: argparse.Namespace, model_desc: str, proxied: bool) -> dict:
     parts = list(next(iter(runs.values()))[0]["cpu_per_1k"])
     print(f"\nmodel: {model_desc}; {args.replicas} replicas behind nginx; {os.cpu_count()} CPUs")
     print(f"wrk: 1 thread, {args.duration:g} s x {args.rounds} rounds, PNG POST /predict; medians")
-    carrier = "Docker's userland proxy (docker-proxy)" if args.userland_proxy else "the kernel's NAT"
+    carrier = "Docker's userland proxy (docker-proxy)" if proxied else "the kernel's NAT"
     print(f"the published port on 127.0.0.1 is carried by {carrier}")
     print("CPU seconds per 1,000 requests, by process:")
     header = f"{'target':14} {'conns':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7}"
