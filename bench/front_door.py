@@ -240,7 +240,10 @@ def main() -> int:
     confs = {"": shipped_conf}
     files: list[str] = []
     if args.against_nginx:
-        confs["*"] = Path(args.against_nginx).read_text()
+        try:
+            confs["*"] = Path(args.against_nginx).read_text()
+        except OSError as e:
+            parser.error(f"--against-nginx: {e}")
         conf = work / "nginx.conf"
         conf.write_text(shipped_conf)
         conf.chmod(0o644)  # nginx's uid reads it
@@ -271,8 +274,12 @@ def main() -> int:
         def use_conf(mark: str) -> None:
             if len(confs) > 1:
                 conf.write_text(confs[mark])  # in place: the bind mount keeps the same file
-                reload = ["docker", "exec", nginx.id, "nginx", "-s", "reload"]
-                subprocess.run(reload, check=True, capture_output=True)
+                for step in (["-t"], ["-s", "reload"]):  # a file nginx rejects stops the run
+                    done = subprocess.run(
+                        ["docker", "exec", nginx.id, "nginx", *step], capture_output=True, text=True
+                    )
+                    if done.returncode != 0:
+                        raise RuntimeError(f"nginx {' '.join(step)}: {done.stderr[-2000:]}")
                 time.sleep(1.0)  # the old workers hand over; then the kept connections refill
                 targets["in-network"](8)
 
