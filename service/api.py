@@ -90,7 +90,7 @@ def _requested_model(plane: DataPlane, req: Request) -> LoadedModel:
 def predictions_response(model: LoadedModel, digits: np.ndarray, probs: np.ndarray, batch: bool) -> Response:
     """/predict's answer (the data plane has counted the prediction)."""
     chosen = digits.tolist()
-    _answered(model, chosen)
+    _answered(model)
     if batch:
         predictions = [prediction(d, p) for d, p in zip(chosen, probs, strict=True)]
         return json_response({"predictions": predictions, "model": model_ref(model)})
@@ -109,15 +109,14 @@ def explain() -> Response:
     images, _ = _read_images(request, current_app.config, preprocess_arg(request), single=True)
     digits, probs, x, saliency = plane.explain(model, images)
     digit = int(digits[0])
-    _answered(model, [digit])
+    _answered(model)
     body = explanation(digit, probs[0], x[0], saliency[0])
     return json_response({**body, "model": model_ref(model)})
 
 
-def _answered(model: LoadedModel, digits: list[int]) -> None:
-    """What the request answered, for after_request hooks: the request's metrics name the version."""
+def _answered(model: LoadedModel) -> None:
+    """Which version answered, for the after_request hook: the request's metrics name it."""
     g.answered_by = model
-    g.predicted_digits = digits
 
 
 def _arg(req: Request, name: str) -> str | None:
