@@ -45,12 +45,11 @@ from core.threads import pin_blas_threads
 
 pin_blas_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
-# Before prometheus_client is imported: its value class is chosen then.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="feature-cost-"))
 
 import numpy as np  # noqa: E402
 from flask import Flask, Response, current_app, request  # noqa: E402
 from PIL import Image  # noqa: E402
+from prometheus_client import values  # noqa: E402
 
 from core.modelstore import publish  # noqa: E402
 from core.network import Network  # noqa: E402
@@ -106,6 +105,7 @@ def predict_view(decode: bool, forward: bool, answer: bool) -> Callable[[], Resp
             plane.count(model, digits, probs)
         if answer:
             return api.predictions_response(model, digits, probs, False)
+        api._answered(model)  # the request's metrics still name the version
         return json_response({"digit": int(digits[0])})
 
     return view
@@ -177,6 +177,10 @@ def main() -> None:
     if not (args.peers / "flask_app.py").is_file():
         parser.error(f"no flask_app.py in {args.peers} (--peers)")
 
+    # Prometheus in multiprocess mode, as under gunicorn.conf.py: set here, not at import, so that
+    # importing this module (its test does) changes nothing for the rest of the process.
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="feature-cost-metrics-"))
+    values.ValueClass = values.MultiProcessValue()
     with tempfile.TemporaryDirectory(prefix="feature-cost-models-") as tmp:
         models_dir = args.models_dir or Path(tmp)
         if args.models_dir is None:
