@@ -179,22 +179,6 @@ def test_json_instances_batch_in_order(mnist, trained_models_dir, trained_net):
     assert flat["predictions"] == body["predictions"]
 
 
-def test_g_predicted_digits_is_set(random_models_dir, mnist):
-    client = make_client(random_models_dir)
-    app = client.application
-    seen = []
-
-    @app.after_request
-    def record(response):
-        from flask import g
-
-        seen.append(g.get("predicted_digits"))
-        return response
-
-    body = client.post("/predict", json={"instances": mnist.test_images[:3].tolist()}).get_json()
-    assert seen[-1] == [p["digit"] for p in body["predictions"]]
-
-
 def test_version_pinning(random_models_dir, mnist):
     publish(random_models_dir, random_net(7))
     client = make_client(random_models_dir)
