@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from core.network import Network
-from tests.helpers import make_client, png_bytes, publish
+from bench import feature_cost
+from tests.helpers import make_client, png_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERS = ROOT.parent / "shared" / "peers"
@@ -39,14 +39,6 @@ def bare():
         sys.path.remove(str(PEERS))
 
 
-def _peers_network() -> Network:
-    """ref_model.npz as the peers' project/publish_ref.py publishes it."""
-    d = np.load(PEERS / "ref_model.npz")
-    weights = (d["arr_0"], d["arr_1"], d["arr_2"])
-    biases = tuple(d[f"arr_{i}"].reshape(-1, 1) for i in (3, 4, 5))
-    return Network((784, 512, 256, 10), ("relu", "relu", "softmax"), "cross_entropy", weights, biases)
-
-
 def test_readyz_answers_as_the_healthcheck_and_the_harness_expect(bare):
     r = bare.get("/readyz")
     assert r.status_code == 200
@@ -54,7 +46,7 @@ def test_readyz_answers_as_the_healthcheck_and_the_harness_expect(bare):
 
 
 def test_the_same_digit_as_the_project_on_the_same_model(bare, tmp_path: Path):
-    publish(tmp_path, _peers_network())
+    feature_cost.publish_peers_model(PEERS, tmp_path)
     project = make_client(tmp_path)
     rng = np.random.default_rng(0)
     # The peers' PNG, and dark 28x28 images (the project inverts light ones; the bare app does not).
