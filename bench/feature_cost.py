@@ -176,6 +176,10 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.peers / "flask_app.py").is_file():
         parser.error(f"no flask_app.py in {args.peers} (--peers)")
+    if args.models_dir is not None and not args.models_dir.is_dir():
+        parser.error(f"--models-dir: {args.models_dir} is not a folder")
+    if args.rounds < 1 or args.requests < 1:
+        parser.error("--rounds and --requests must be at least 1")
 
     # Prometheus in multiprocess mode, as under gunicorn.conf.py: set here, not at import, so that
     # importing this module (its test does) changes nothing for the rest of the process.
@@ -185,10 +189,12 @@ def main() -> None:
         models_dir = args.models_dir or Path(tmp)
         if args.models_dir is None:
             publish_peers_model(args.peers, models_dir)
-        os.environ["MODEL_NPZ"] = str(args.peers / "ref_model.npz")
         apps = variants(models_dir, args.peers)
         png = (args.peers / "digit.png").read_bytes()
-        digits = {name: json.loads(call(app, png))["digit"] for name, app in apps.items()}
+        try:
+            digits = {name: json.loads(call(app, png))["digit"] for name, app in apps.items()}
+        except RuntimeError as e:  # e.g. no model in --models-dir: the service's own 503
+            raise SystemExit(f"a first POST /predict failed: {e}") from None
         if len(set(digits.values())) != 1:
             raise SystemExit(f"the variants disagree on the digit: {digits}")
         med = measure(apps, png, args.rounds, args.requests)
